@@ -1,0 +1,19 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean lint
+
+$(STAMP): requirements/base.txt requirements/detectron2-v0.6.txt scripts/install.sh scripts/install_detectron2.sh pyproject.toml
+	bash scripts/install.sh
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m m2_pretrain.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo_output

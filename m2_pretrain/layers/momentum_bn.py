@@ -1,0 +1,162 @@
+"""Momentum BN: batch normalisation whose statistics are a momentum mix of the current
+batch's and the running ones (Momentum² Teacher, Li et al. 2021, Sec. 3.2).
+
+Semantics (the authors' behaviour, with the defects noted in DESIGN.md removed):
+
+* ``alpha`` is the weight of the *current batch*; the trainer sets it from a schedule
+  (``m2_pretrain.models.schedules.momentum_bn_alpha``). The layer never advances it.
+* The input batch holds ``num_views`` views stacked along dim 0, ``[v_1; v_2; ...]``. Each
+  view ``v`` is normalised with ``mu = alpha * mu_v + (1 - alpha) * mu_run`` and
+  ``var = alpha * var_v + (1 - alpha) * var_run`` where ``mu_v``/``var_v`` are that view's
+  own batch statistics (biased variance, Eq. 1). No view sees another view's statistics.
+* Lazy update, once per forward (i.e. once per iteration, after all views):
+  ``run <- alpha * mean_v(stat_v) + (1 - alpha) * run``.
+* Statistics are computed in fp32 whatever the input dtype (autocast); all state
+  (running stats, alpha, update counter) lives in buffers, so ``state_dict`` round-trips.
+* In eval mode the layer normalises with the running statistics only, like ``nn.BatchNorm``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+class MomentumBatchNorm(nn.Module):
+    """Momentum BN for inputs of shape (B, C) or (B, C, *spatial).
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance before the square root.
+        affine: learnable per-channel scale and shift (gamma, beta).
+        num_views: number of views stacked along the batch dimension; B must be divisible by it.
+        alpha: initial weight of the current batch's statistics.
+
+    State dict keys are those of ``nn.BatchNorm2d`` (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``) plus ``alpha``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        num_views: int = 1,
+        alpha: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}")
+        self.num_features = num_features
+        self.eps = eps
+        self.affine = affine
+        self.num_views = num_views
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
+            f"num_views={self.num_views}, alpha={float(self.alpha):.4g}"
+        )
+
+    @torch.no_grad()
+    def set_alpha(self, alpha: float | torch.Tensor) -> None:
+        """Set the current-batch weight in place (keeps the buffer, so no recompilation)."""
+        self.alpha.copy_(torch.as_tensor(alpha, dtype=self.alpha.dtype))
+
+    def _scale_shift(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (…, C) scale and shift such that y = x * scale + shift."""
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.float()
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.float()
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"MomentumBatchNorm expected input (B, {self.num_features}, ...), got {tuple(x.shape)}"
+            )
+        extra = x.dim() - 2  # number of spatial dims
+        bcast = (1,) * extra
+        if not self.training:
+            scale, shift = self._scale_shift(self.running_mean, self.running_var)
+            return (x.float() * scale.view(1, -1, *bcast) + shift.view(1, -1, *bcast)).to(x.dtype)
+
+        v = self.num_views
+        if x.shape[0] % v != 0:
+            raise ValueError(
+                f"MomentumBatchNorm: batch of {x.shape[0]} is not divisible into {v} views"
+            )
+        xv = x.view(v, x.shape[0] // v, *x.shape[1:])  # (V, N, C, *spatial); a view, no copy
+        reduce_dims = [1] + list(range(3, xv.dim()))
+        xf = xv.float()
+        var_v, mean_v = torch.var_mean(xf, dim=reduce_dims, correction=0)  # (V, C) each
+        alpha = self.alpha.float()
+        mean = alpha * mean_v + (1.0 - alpha) * self.running_mean
+        var = alpha * var_v + (1.0 - alpha) * self.running_var
+        scale, shift = self._scale_shift(mean, var)  # (V, C)
+        shape = (v, 1, self.num_features) + bcast
+        y = xf * scale.view(shape) + shift.view(shape)
+
+        # Lazy update after all views of this iteration have been normalised.
+        with torch.no_grad():
+            self.running_mean.lerp_(mean_v.detach().mean(0), alpha)
+            self.running_var.lerp_(var_v.detach().mean(0), alpha)
+            self.num_batches_tracked.add_(1)
+        return y.view_as(x).to(x.dtype)
+
+
+class MomentumBatchNormAct2d(MomentumBatchNorm):
+    """Momentum BN followed by the dropout and activation of a timm ``BatchNormAct2d``.
+
+    Its state dict keys are those of ``BatchNormAct2d`` plus ``alpha``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        num_views: int = 1,
+        alpha: float = 1.0,
+        drop: Optional[nn.Module] = None,
+        act: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, affine=affine, num_views=num_views, alpha=alpha)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def momentum_bn_modules(module: nn.Module) -> list[MomentumBatchNorm]:
+    """All Momentum BN layers inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, MomentumBatchNorm)]
+
+
+@torch.no_grad()
+def set_momentum_bn_alpha(module: nn.Module, alpha: float | torch.Tensor) -> int:
+    """Set alpha in every Momentum BN layer of ``module``.
+
+    Returns:
+        The number of layers updated.
+    """
+    layers = momentum_bn_modules(module)
+    for m in layers:
+        m.set_alpha(alpha)
+    return len(layers)

@@ -1,0 +1,127 @@
+"""The Momentum² Teacher: a BYOL student/teacher whose teacher uses Momentum BN."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from ..layers import convert_momentum_bn, set_momentum_bn_alpha
+from .encoder import create_encoder
+from .heads import MLP
+from .loss import symmetric_byol_loss
+
+TeacherNorm = Literal["momentum", "bn"]
+
+
+class Branch(nn.Module):
+    """Encoder followed by projector: ``z = projector(encoder(x))``."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(x))
+
+
+class M2Teacher(nn.Module):
+    """Student (encoder + projector + predictor) and teacher (EMA encoder + projector).
+
+    Args:
+        arch: timm architecture of the encoder.
+        proj_hidden, proj_out: projector widths (encoder width -> proj_hidden -> proj_out).
+        pred_hidden: predictor width (proj_out -> pred_hidden -> proj_out).
+        teacher_norm: ``"momentum"`` (Momentum BN, fed both views as one batch and reducing
+            statistics per view) or ``"bn"`` (plain train-mode BN on each view separately: the
+            BYOL baseline of Table 1).
+        alpha_base: initial Momentum BN alpha.
+        encoder_kwargs: passed to ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        proj_hidden: int = 512,
+        proj_out: int = 128,
+        pred_hidden: int = 512,
+        teacher_norm: TeacherNorm = "momentum",
+        alpha_base: float = 1.0,
+        encoder_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if teacher_norm not in ("momentum", "bn"):
+            raise ValueError(f"teacher_norm must be 'momentum' or 'bn', got {teacher_norm!r}")
+        self.arch = arch
+        self.teacher_norm = teacher_norm
+        encoder = create_encoder(arch, **(encoder_kwargs or {}))
+        dim = encoder.num_features
+        self.student = Branch(encoder, MLP(dim, proj_hidden, proj_out))
+        self.predictor = MLP(proj_out, pred_hidden, proj_out)
+        self.teacher = copy.deepcopy(self.student)
+        if teacher_norm == "momentum":
+            convert_momentum_bn(self.teacher, num_views=2, alpha=alpha_base)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self._build_ema_pairs()
+
+    # ------------------------------------------------------------------ EMA
+    def _build_ema_pairs(self) -> None:
+        s = dict(self.student.named_parameters())
+        t = dict(self.teacher.named_parameters())
+        if set(s) != set(t):
+            raise RuntimeError(
+                f"student/teacher parameter names differ: only in student {sorted(set(s) - set(t))}, "
+                f"only in teacher {sorted(set(t) - set(s))}"
+            )
+        names = sorted(s)
+        for n in names:
+            if s[n].shape != t[n].shape:
+                raise RuntimeError(f"shape mismatch for {n}: {s[n].shape} vs {t[n].shape}")
+        self._ema_names = names
+
+    def ema_pairs(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+        """(names, teacher tensors, student tensors), paired by name."""
+        s = dict(self.student.named_parameters())
+        t = dict(self.teacher.named_parameters())
+        return self._ema_names, [t[n] for n in self._ema_names], [s[n].detach() for n in self._ema_names]
+
+    @torch.no_grad()
+    def update_teacher(self, one_minus_m: float) -> None:
+        """``xi <- m * xi + (1 - m) * theta`` for every parameter, paired by name.
+
+        Teacher BN buffers (Momentum BN running statistics, alpha) are not touched.
+        """
+        _, t, s = self.ema_pairs()
+        torch._foreach_lerp_(t, s, float(one_minus_m))
+
+    def set_alpha(self, alpha: float | torch.Tensor) -> None:
+        """Set the Momentum BN current-batch weight of the teacher (no-op for ``bn``)."""
+        set_momentum_bn_alpha(self.teacher, alpha)
+
+    # -------------------------------------------------------------- forward
+    @torch.no_grad()
+    def teacher_targets(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher projections of both views (no gradient)."""
+        if self.teacher_norm == "momentum":
+            z = self.teacher(torch.cat([v1, v2], dim=0))  # Momentum BN reduces per view
+            return z[: v1.shape[0]], z[v1.shape[0] :]
+        return self.teacher(v1), self.teacher(v2)
+
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Symmetrised BYOL loss of the student against the teacher.
+
+        The student runs each view separately so its BN statistics stay per view.
+
+        Returns:
+            ``{"loss": scalar}``.
+        """
+        if v1.shape != v2.shape:
+            raise ValueError(f"views must have equal shapes, got {tuple(v1.shape)} and {tuple(v2.shape)}")
+        p1 = self.predictor(self.student(v1))
+        p2 = self.predictor(self.student(v2))
+        z1, z2 = self.teacher_targets(v1, v2)
+        return {"loss": symmetric_byol_loss(p1, p2, z1, z2)}
