@@ -1,0 +1,229 @@
+"""Typed configuration: YAML files over dataclass defaults, plus ``key=value`` overrides.
+
+An unknown key or a value of the wrong type is a ``ConfigError`` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    method: str = "m2"  # "m2" (Momentum² Teacher / BYOL family)
+    arch: str = "resnet18"  # any timm CNN
+    proj_hidden: int = 512
+    proj_out: int = 128
+    pred_hidden: int = 512
+    teacher_norm: str = "momentum"  # "momentum" (Momentum BN) or "bn" (BYOL baseline)
+    alpha_base: float = 1.0  # Momentum BN: initial weight of the current batch
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "embedded"  # embedded | imagefolder | stl10 | fashion_mnist
+    root: str = ""  # dataset location (not used by "embedded")
+    split: str = "train"  # pretraining split (stl10: "train+unlabeled")
+    res: int = 32  # crop size
+    num_images: int = 2000  # embedded dataset size
+    num_classes: int = 10  # embedded dataset classes
+    workers: int = 2
+    pin_memory: bool = True
+    skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    crop_scale_min: float = 0.08
+    # knn monitor / evaluation splits (labelled); empty disables
+    knn_train_split: str = ""
+    knn_test_split: str = ""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars
+    base_lr: float = 0.1  # per `lr_reference_batch` images (linear scaling rule)
+    lr_reference_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 10.0
+    warmup_factor: float = 0.001
+    exclude_bias_norm: bool = True  # no wd (and no LARS adaptation) on bias and norm params
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 400.0
+    max_steps: int = 0  # >0 overrides epochs (in optimizer steps)
+    batch_size: int = 32  # per device, per view
+    accum_steps: int = 1  # gradient accumulation; schedules step per optimizer step
+    m_base: float = 0.032  # initial 1 - m of the parameter EMA
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
+    channels_last: bool = True  # on CUDA
+    compile: bool = False
+    log_every: int = 10
+    grad_clip: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class KnnConfig:
+    every_epochs: float = 0.0  # 0 disables the kNN monitor
+    k: int = 200
+    temperature: float = 0.1
+    max_train: int = 10000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert ``value`` to the field type ``typ``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[...]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    if typ is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for k, v in updates.items():
+        key = prefix + str(k)
+        if k not in fields:
+            raise ConfigError(
+                f"unknown config key '{key}' (valid keys here: {', '.join(sorted(fields))})"
+            )
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _merge(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override for '{key}': cannot parse value {raw!r}: {e}") from None
+    return key.strip().split("."), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        with open(p) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        _merge(cfg, data)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _merge(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    choices = {
+        "model.method": (cfg.model.method, ("m2",)),
+        "model.teacher_norm": (cfg.model.teacher_norm, ("momentum", "bn")),
+        "data.dataset": (cfg.data.dataset, ("embedded", "imagefolder", "stl10", "fashion_mnist")),
+        "optim.name": (cfg.optim.name, ("sgd", "lars")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (val, allowed) in choices.items():
+        if val not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {val!r}")
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.accum_steps": cfg.train.accum_steps,
+        "data.res": cfg.data.res,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "train.log_every": cfg.train.log_every,
+    }
+    for key, val in positive.items():
+        if val <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {val}")
+    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
+        raise ConfigError("config key 'train.epochs' must be positive (or set train.max_steps)")
+    if not 0.0 <= cfg.train.m_base <= 1.0:
+        raise ConfigError(f"config key 'train.m_base' must be in [0, 1], got {cfg.train.m_base}")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values each")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

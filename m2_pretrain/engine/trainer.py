@@ -1,0 +1,432 @@
+"""The pretraining loop: data, optimiser, schedules, AMP, DDP, checkpoints, logging."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import Config, config_from_dict, save_config
+from ..data.augment import Normalizer, TwoViewTransform, eval_transform
+from ..data.datasets import build_dataset
+from ..eval.knn import extract_features, knn_accuracy
+from ..models import M2Teacher
+from ..models import schedules as S
+from .checkpoint import (
+    capture_rng_state,
+    latest_loadable,
+    restore_rng_state,
+    save_rotating,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is left in place."""
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Initialise torch.distributed from torchrun's environment (no-op for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if device_kind == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+# ----------------------------------------------------------------------------- data
+class SeededSample(Dataset):
+    """Wraps a dataset so that sample ``(index, epoch)`` is augmented with an RNG seeded from
+    ``(seed, epoch, index)``: augmentations do not depend on worker assignment, so a resumed
+    run sees exactly the views the uninterrupted run would have seen."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        h = hashlib.blake2b(f"{self.seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+            return self.dataset[index]
+
+
+class EpochBatchSampler(Sampler):
+    """Shuffled, rank-sharded batches of ``(index, epoch)`` keys, startable mid-epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.batches_per_epoch = n // (batch_size * world)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"dataset of {n} images is smaller than one global batch ({batch_size} x {world})"
+            )
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+    def __iter__(self) -> Iterator[list]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.batches_per_epoch * self.batch_size * self.world]
+        mine = perm[self.rank :: self.world].tolist()
+        for b in range(self.start, self.batches_per_epoch):
+            yield [(i, self.epoch) for i in mine[b * self.batch_size : (b + 1) * self.batch_size]]
+
+
+def collate_pairs(batch):
+    v1 = torch.stack([b[0][0] for b in batch])
+    v2 = torch.stack([b[0][1] for b in batch])
+    return v1, v2
+
+
+# ----------------------------------------------------------------------------- optimiser
+def param_groups(modules: list[nn.Module], weight_decay: float, exclude_bias_norm: bool) -> list[dict]:
+    """Two groups: weights with weight decay; biases and norm parameters (ndim <= 1) without.
+
+    With LARS, a group whose weight decay is 0 is also excluded from the trust-ratio adaptation
+    (timm's ``Lars`` adapts only where weight decay is set, unless ``always_adapt``).
+    """
+    decay, no_decay = [], []
+    for m in modules:
+        for _, p in m.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if exclude_bias_norm and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: Config, modules: list[nn.Module], lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(modules, cfg.optim.weight_decay, cfg.optim.exclude_bias_norm)
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum)
+    from timm.optim import Lars
+
+    return Lars(groups, lr=lr, momentum=cfg.optim.momentum)
+
+
+# ----------------------------------------------------------------------------- trainer
+def resolve_device(kind: str) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available (use train.device=cpu)")
+    return torch.device(kind)
+
+
+def build_model(cfg: Config) -> M2Teacher:
+    m = cfg.model
+    return M2Teacher(m.arch, m.proj_hidden, m.proj_out, m.pred_hidden, m.teacher_norm, m.alpha_base)
+
+
+class Trainer:
+    """Momentum² Teacher pretraining.
+
+    Args:
+        cfg: resolved configuration.
+        output_dir: where checkpoints, the resolved config and TensorBoard logs go.
+        resume: continue from the newest loadable checkpoint in ``output_dir``.
+        progress: show a tqdm progress bar (main process only).
+    """
+
+    def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.out = Path(output_dir)
+        self.device = resolve_device(cfg.train.device)
+        self.dist = init_distributed(self.device.type)
+        self.progress = progress and self.dist.is_main
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+        self.cuda = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if (self.cuda and cfg.train.amp) else None
+
+        # data
+        d = cfg.data
+        aug = TwoViewTransform(d.res, d.crop_scale_min)
+        base = build_dataset(d, d.split, aug)
+        self.dataset = SeededSample(base, cfg.train.seed)
+        self.sampler = EpochBatchSampler(len(base), cfg.train.batch_size, cfg.train.seed,
+                                         self.dist.rank, self.dist.world_size)
+        self.batches_per_epoch = self.sampler.batches_per_epoch
+        self.steps_per_epoch = max(self.batches_per_epoch // cfg.train.accum_steps, 1)
+        if cfg.train.max_steps > 0:
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.total_steps = max(int(round(cfg.train.epochs * self.steps_per_epoch)), 1)
+        self.warmup_steps = min(int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)),
+                                self.total_steps)
+        self.global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.accum_steps
+        self.base_lr = S.scale_lr(cfg.optim.base_lr, self.global_batch, cfg.optim.lr_reference_batch)
+
+        # model
+        self.model = build_model(cfg).to(self.device)
+        self.normalizer = Normalizer(d.mean, d.std).to(self.device)
+        if self.cuda and cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(cfg, [self.model.student, self.model.predictor], self.base_lr)
+        self.step_module: nn.Module = self.model
+        if self.dist.world_size > 1:
+            # Per-device BN statistics (no SyncBN, no buffer broadcast), as in the paper.
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.cuda else None,
+                broadcast_buffers=False,
+            )
+        if cfg.train.compile:
+            self.step_module = torch.compile(self.step_module)
+        self.step = 0  # optimizer steps done
+        self._stop_signal: Optional[int] = None
+        self.history: list[dict] = []
+
+        if resume:
+            self._resume()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "student": self.model.student.state_dict(),
+            "teacher": self.model.teacher.state_dict(),
+            "predictor": self.model.predictor.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaler
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "rng": capture_rng_state(),
+            "config": self.cfg.to_dict(),
+            "meta": {"arch": self.cfg.model.arch, "mean": list(self.cfg.data.mean),
+                     "std": list(self.cfg.data.std), "method": self.cfg.model.method,
+                     "teacher_norm": self.cfg.model.teacher_norm},
+        }
+
+    def _resume(self) -> None:
+        found = latest_loadable(self.out)
+        if found is None:
+            logger.info("--resume: no checkpoint in %s, starting from scratch", self.out)
+            return
+        path, ckpt = found
+        saved = config_from_dict(ckpt["config"])
+        if saved.model != self.cfg.model:
+            raise RuntimeError(f"{path}: its model config differs from the current one; "
+                               "resume with the same model settings or a new --output-dir")
+        self.model.student.load_state_dict(ckpt["student"])
+        self.model.teacher.load_state_dict(ckpt["teacher"])
+        self.model.predictor.load_state_dict(ckpt["predictor"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        restore_rng_state(ckpt["rng"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Optional[Path]:
+        if not self.dist.is_main:
+            return None
+        return save_rotating(self.state_dict(), self.out, self.step, self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------ signals
+    def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signum
+
+    # ------------------------------------------------------------------ loop
+    def _set_schedules(self, k: int) -> tuple[float, float, float]:
+        lr = S.learning_rate(k, self.total_steps, self.base_lr, self.warmup_steps,
+                             self.cfg.optim.warmup_factor)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        one_minus_m = S.ema_one_minus_m(k, self.total_steps, self.cfg.train.m_base)
+        alpha = S.momentum_bn_alpha(k, self.total_steps, self.cfg.model.alpha_base)
+        self.model.set_alpha(alpha)
+        return lr, one_minus_m, alpha
+
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        self.sampler.set_position(epoch, start_batch)
+        d = self.cfg.data
+        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.workers,
+                          pin_memory=d.pin_memory and self.cuda, collate_fn=collate_pairs,
+                          persistent_workers=False)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalizer(x.to(self.device, non_blocking=True))
+        if self.cuda and self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def fit(self) -> dict:
+        """Train until ``total_steps``. Returns a summary dict.
+
+        Raises:
+            NonFiniteLossError: when the loss becomes NaN/inf (no checkpoint is written after it).
+        """
+        cfg = self.cfg
+        accum = cfg.train.accum_steps
+        old_handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old_handlers[sig] = signal.signal(sig, self._handle_signal)
+            except ValueError:  # not in the main thread
+                pass
+        writer = None
+        if self.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out / "tb"))
+            except ImportError:
+                logger.warning("tensorboard not installed: no TensorBoard scalars")
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", dynamic_ncols=True)
+        self.model.train()
+        status = "completed"
+        first_bad = torch.tensor(-1, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        loss_count = 0
+        t_log, wait_time, imgs = time.perf_counter(), 0.0, 0
+        micro = self.step * accum  # micro-batches consumed; continuous across epochs
+        try:
+            while self.step < self.total_steps and self._stop_signal is None:
+                epoch, start = divmod(micro, self.batches_per_epoch)
+                t_wait = time.perf_counter()
+                for v1, v2 in self._loader(epoch, start):
+                    wait_time += time.perf_counter() - t_wait
+                    k = self.step
+                    lr, one_minus_m, alpha = self._set_schedules(k)
+                    v1, v2 = self._to_device(v1), self._to_device(v2)
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                        enabled=self.amp_dtype is not None):
+                        loss = self.step_module(v1, v2)["loss"]
+                    (loss / accum).backward()
+                    micro += 1
+                    bad = ~torch.isfinite(loss.detach())
+                    first_bad = torch.where(bad & (first_bad < 0), torch.tensor(k, device=self.device), first_bad)
+                    loss_sum += loss.detach()
+                    loss_count += 1
+                    imgs += 2 * v1.shape[0] * self.dist.world_size
+                    if micro % accum == 0:
+                        if cfg.train.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(
+                                list(self.model.student.parameters()) + list(self.model.predictor.parameters()),
+                                cfg.train.grad_clip)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.model.update_teacher(one_minus_m)
+                        self.step += 1
+                        log_now = self.step % cfg.train.log_every == 0 or self.step == self.total_steps
+                        ckpt_now = self.step % cfg.checkpoint.every_steps == 0 or self.step == self.total_steps
+                        stop_now = self._stop_signal is not None
+                        if log_now or ckpt_now or stop_now:
+                            fb = int(first_bad)  # host sync only here
+                            if fb >= 0:
+                                raise NonFiniteLossError(
+                                    f"loss became non-finite at step {fb}; stopping. The last good "
+                                    f"checkpoint in {self.out} is kept (lower the learning rate or "
+                                    f"check the data)")
+                        if log_now:
+                            now = time.perf_counter()
+                            mean_loss = (loss_sum / max(loss_count, 1)).item()
+                            row = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                   "loss": mean_loss, "lr": lr, "m": 1 - one_minus_m, "alpha": alpha,
+                                   "img_per_s": imgs / max(now - t_log, 1e-9),
+                                   "data_wait": wait_time / max(now - t_log, 1e-9)}
+                            self.history.append(row)
+                            if writer is not None:
+                                for key in ("loss", "lr", "m", "alpha", "img_per_s", "data_wait"):
+                                    writer.add_scalar(f"train/{key}", row[key], self.step)
+                            if bar is not None:
+                                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", m=f"{1 - one_minus_m:.4f}",
+                                                alpha=f"{alpha:.3f}", ips=f"{row['img_per_s']:.0f}",
+                                                wait=f"{100 * row['data_wait']:.0f}%")
+                            loss_sum.zero_()
+                            loss_count, imgs, wait_time, t_log = 0, 0, 0.0, now
+                        if bar is not None:
+                            bar.update(1)
+                        if self._knn_due():
+                            self._knn_monitor(writer)
+                        if ckpt_now or stop_now:
+                            self.save_checkpoint()
+                        if stop_now or self.step >= self.total_steps:
+                            break
+                    t_wait = time.perf_counter()
+            if self._stop_signal is not None:
+                status = f"interrupted by signal {self._stop_signal}"
+                logger.warning("%s: checkpoint saved at step %d in %s", status, self.step, self.out)
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        return {"status": status, "step": self.step, "total_steps": self.total_steps,
+                "history": self.history}
+
+    # ------------------------------------------------------------------ kNN monitor
+    def _knn_due(self) -> bool:
+        c = self.cfg
+        if c.knn.every_epochs <= 0 or not c.data.knn_train_split or not self.dist.is_main:
+            return False
+        every = max(int(round(c.knn.every_epochs * self.steps_per_epoch)), 1)
+        return self.step % every == 0 or self.step == self.total_steps
+
+    def knn_eval(self, which: str = "teacher") -> dict[str, float]:
+        """kNN top-1/top-5 of the teacher (or student) encoder on the configured splits."""
+        c = self.cfg
+        tf = eval_transform(c.data.res)
+        train = build_dataset(c.data, c.data.knn_train_split, tf)
+        test = build_dataset(c.data, c.data.knn_test_split or c.data.knn_train_split, tf)
+        if len(train) > c.knn.max_train:
+            g = torch.Generator().manual_seed(0)
+            idx = torch.randperm(len(train), generator=g)[: c.knn.max_train].tolist()
+            train = torch.utils.data.Subset(train, idx)
+        enc = getattr(self.model, which).encoder
+        ftr, ltr = extract_features(enc, train, self.normalizer, self.device, workers=c.data.workers)
+        fte, lte = extract_features(enc, test, self.normalizer, self.device, workers=c.data.workers)
+        return knn_accuracy(ftr, ltr, fte, lte, k=c.knn.k, temperature=c.knn.temperature)
+
+    def _knn_monitor(self, writer) -> None:
+        res = self.knn_eval()
+        logger.info("step %d: kNN top-1 %.2f top-5 %.2f", self.step, res["top1"], res["top5"])
+        if self.history:
+            self.history[-1]["knn_top1"] = res["top1"]
+        if writer is not None:
+            writer.add_scalar("knn/top1", res["top1"], self.step)
+            writer.add_scalar("knn/top5", res["top5"], self.step)
+

@@ -1,0 +1,76 @@
+"""Training checkpoint -> plain timm encoder state_dict (+ metadata sidecar)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .engine.checkpoint import CheckpointError, atomic_save, safe_load
+
+# Momentum BN bookkeeping that a plain timm BatchNorm does not have.
+_MOMENTUM_BN_ONLY = ("alpha",)
+
+
+def is_training_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and {"student", "teacher", "config"} <= set(obj)
+
+
+def encoder_state_from_checkpoint(ckpt: dict, which: str = "teacher") -> dict[str, torch.Tensor]:
+    """The ``which`` branch's encoder weights with timm's names (no heads, no Momentum BN state)."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    if not is_training_checkpoint(ckpt):
+        raise CheckpointError("not a training checkpoint (expected keys student, teacher, config)")
+    prefix = "encoder."
+    out = {}
+    for k, v in ckpt[which].items():
+        if not k.startswith(prefix):
+            continue  # projector
+        name = k[len(prefix):]
+        if name.rsplit(".", 1)[-1] in _MOMENTUM_BN_ONLY:
+            continue
+        out[name] = v
+    if not out:
+        raise CheckpointError(f"checkpoint has no '{which}' encoder weights")
+    return out
+
+
+def meta_path(out: str | Path) -> Path:
+    return Path(str(out) + ".json")
+
+
+def export_encoder(ckpt_path: str | Path, out: str | Path, which: str = "teacher") -> dict:
+    """Write ``out`` (a plain state_dict loadable with ``strict=True`` into
+    ``timm.create_model(arch, num_classes=0)``) and ``out + '.json'`` with its metadata.
+
+    Returns:
+        The metadata dict.
+    """
+    ckpt = safe_load(ckpt_path)
+    sd = encoder_state_from_checkpoint(ckpt, which)
+    meta = dict(ckpt.get("meta", {}))
+    meta.update({"which": which, "step": int(ckpt.get("step", -1)),
+                 "total_steps": int(ckpt.get("total_steps", -1)),
+                 "source": str(Path(ckpt_path).resolve()), "format": "timm_state_dict"})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(sd, out)
+    with open(meta_path(out), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def load_exported_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    """(state_dict, metadata or None) of an exported encoder."""
+    sd = safe_load(path)
+    if is_training_checkpoint(sd):
+        raise CheckpointError(
+            f"{path} is a full training checkpoint; export the encoder first: "
+            f"m2-pretrain export {path} --out encoder.pth")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} is not an encoder state_dict (a dict of tensors)")
+    mp = meta_path(path)
+    meta = json.loads(mp.read_text()) if mp.is_file() else None
+    return sd, meta
