@@ -1,0 +1,35 @@
+import pytest
+
+from m2_pretrain.config import ConfigError, load_config, save_config
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 10\n  batchsize: 32\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.batchsize'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="unknown config key 'nonsense'"):
+        load_config(None, ["nonsense.x=1"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="'train.batch_size' expects an integer"):
+        load_config(None, ["train.batch_size=abc"])
+    with pytest.raises(ConfigError, match="'train.amp' expects true/false"):
+        load_config(None, ["train.amp=3"])
+    with pytest.raises(ConfigError, match="'model.teacher_norm' must be one of"):
+        load_config(None, ["model.teacher_norm=sync"])
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = load_config(None, ["train.epochs=3", "optim.base_lr=0.3", "data.mean=[0.5,0.5,0.5]"])
+    assert cfg.train.epochs == 3.0 and isinstance(cfg.train.epochs, float)
+    assert cfg.optim.base_lr == 0.3 and cfg.data.mean == [0.5, 0.5, 0.5]
+    save_config(cfg, tmp_path / "r.yaml")
+    assert load_config(tmp_path / "r.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/pretrain/*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.train.batch_size > 0
