@@ -66,7 +66,9 @@ class TrainConfig:
     max_steps: int = 0  # >0 overrides epochs (in optimizer steps)
     batch_size: int = 32  # per device, per view
     accum_steps: int = 1  # gradient accumulation; schedules step per optimizer step
-    m_base: float = 0.032  # initial 1 - m of the parameter EMA
+    m_base: float = 0.032  # initial 1 - m of the parameter EMA, at m_base_reference_batch
+    # momentum equivalence rule (paper 4.2): m_base is scaled by global_batch / this; 0 = off
+    m_base_reference_batch: int = 0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
@@ -164,19 +166,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _load_yaml_chain(path: Path, cfg: Config, seen: tuple = ()) -> None:
+    """Merge ``path`` into ``cfg``, after the file named by its ``_base_`` key (if any)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through _base_")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("_base_", None)
+    if base is not None:
+        _load_yaml_chain(path.parent / base, cfg, seen + (path.resolve(),))
+    _merge(cfg, data)
+
+
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
+    """Defaults, then the YAML file (if any, after its ``_base_`` chain), then ``key=value``
+    overrides."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        with open(p) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        _merge(cfg, data)
+        _load_yaml_chain(Path(path), cfg)
     for text in overrides or []:
         keys, value = parse_override(text)
         nested: Any = value

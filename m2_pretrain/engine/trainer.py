@@ -193,6 +193,10 @@ class Trainer:
                                 self.total_steps)
         self.global_batch = cfg.train.batch_size * self.dist.world_size * cfg.train.accum_steps
         self.base_lr = S.scale_lr(cfg.optim.base_lr, self.global_batch, cfg.optim.lr_reference_batch)
+        self.m_base = cfg.train.m_base
+        if cfg.train.m_base_reference_batch > 0:
+            self.m_base = S.scale_m_base(cfg.train.m_base, self.global_batch,
+                                         cfg.train.m_base_reference_batch)
 
         # model
         self.model = build_model(cfg).to(self.device)
@@ -269,7 +273,7 @@ class Trainer:
                              self.cfg.optim.warmup_factor)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        one_minus_m = S.ema_one_minus_m(k, self.total_steps, self.cfg.train.m_base)
+        one_minus_m = S.ema_one_minus_m(k, self.total_steps, self.m_base)
         alpha = S.momentum_bn_alpha(k, self.total_steps, self.cfg.model.alpha_base)
         self.model.set_alpha(alpha)
         return lr, one_minus_m, alpha
