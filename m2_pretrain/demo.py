@@ -17,25 +17,12 @@ import timm
 import torch
 
 from .config import load_config
-from .data.augment import Normalizer, eval_transform
-from .data.datasets import build_dataset
 from .engine.checkpoint import list_checkpoints
 from .engine.trainer import Trainer
-from .eval.knn import extract_features, knn_accuracy
+from .eval.knn import knn_eval_encoder
 from .export import export_encoder, load_exported_encoder
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "embedded_r18_cpu.yaml"
-
-
-def knn_of_encoder(encoder: torch.nn.Module, cfg, device: torch.device) -> dict[str, float]:
-    tf = eval_transform(cfg.data.res)
-    train = build_dataset(cfg.data, cfg.data.knn_train_split, tf)
-    test = build_dataset(cfg.data, cfg.data.knn_test_split, tf)
-    norm = Normalizer(cfg.data.mean, cfg.data.std).to(device)
-    encoder = encoder.to(device)
-    ftr, ltr = extract_features(encoder, train, norm, device, workers=cfg.data.workers)
-    fte, lte = extract_features(encoder, test, norm, device, workers=cfg.data.workers)
-    return knn_accuracy(ftr, ltr, fte, lte, k=cfg.knn.k, temperature=cfg.knn.temperature)
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "embedded_cpu.yaml"
 
 
 def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dict:
@@ -51,10 +38,10 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
     encoder = timm.create_model(meta["arch"], num_classes=0, pretrained=False)
     encoder.load_state_dict(sd, strict=True)
     device = trainer.device
-    rows = {"M2 Teacher (exported teacher)": knn_of_encoder(encoder, cfg, device)}
+    rows = {"M2 Teacher (exported teacher)": knn_eval_encoder(encoder, cfg.data, cfg.knn, device)}
     torch.manual_seed(cfg.train.seed)
-    rows["random initialisation"] = knn_of_encoder(
-        timm.create_model(meta["arch"], num_classes=0, pretrained=False), cfg, device)
+    rows["random initialisation"] = knn_eval_encoder(
+        timm.create_model(meta["arch"], num_classes=0, pretrained=False), cfg.data, cfg.knn, device)
     summary = {
         "config": str(config), "overrides": overrides, "steps": result["step"],
         "pretrain_seconds": round(t_train, 1), "checkpoint": str(ckpt),

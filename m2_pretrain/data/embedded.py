@@ -25,6 +25,11 @@ SHAPES = (
     "ellipse",
 )
 
+PALETTE = np.array(
+    [[230, 60, 50], [40, 160, 70], [50, 90, 220], [240, 210, 60], [30, 30, 40], [235, 235, 230]],
+    dtype=np.float64,
+)
+
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask of a shape in normalised coordinates (centre 0, half-size 1)."""
@@ -45,7 +50,7 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, rng: np.random.Genera
     if kind == "ellipse":
         return (yy / 0.55) ** 2 + (xx / 1.0) ** 2 <= 1.0
     box = (ay <= 0.9) & (ax <= 0.9)
-    period = rng.uniform(0.35, 0.5)
+    period = rng.uniform(0.4, 0.55)
     if kind == "hstripes":
         return box & (np.floor((yy + 1) / period) % 2 == 0)
     if kind == "vstripes":
@@ -68,23 +73,24 @@ def render_sample(index: int, res: int, num_classes: int = 10, seed: int = 0) ->
     label = index % num_classes
     kind = SHAPES[label]
     ys, xs = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
-    # background: random smooth gradient plus mild noise
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    # Colours come from a small palette shared by all classes, so that telling images apart
+    # (what self-supervision rewards) needs the shape rather than the colour.
+    bg, fg = rng.choice(len(PALETTE), size=2, replace=False)
+    c0 = PALETTE[bg] + rng.normal(0, 10, 3)
+    c1 = np.clip(c0 + rng.normal(0, 20, 3), 0, 255)
     t = (np.cos(rng.uniform(0, 2 * np.pi)) * xs + np.sin(rng.uniform(0, 2 * np.pi)) * ys) / res
     t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
     img = c0 * (1 - t[..., None]) + c1 * t[..., None]
-    img += rng.normal(0, 8, img.shape)
+    img += rng.normal(0, 5, img.shape)
     # the object
-    half = rng.uniform(0.2, 0.38) * res
+    half = rng.uniform(0.28, 0.42) * res
     cy, cx = rng.uniform(half, res - half, 2)
     angle = rng.uniform(-0.4, 0.4)
     ca, sa = np.cos(angle), np.sin(angle)
     dy, dx = (ys - cy) / half, (xs - cx) / half
     yy, xx = ca * dy - sa * dx, sa * dy + ca * dx
     mask = _shape_mask(kind, yy, xx, rng)
-    colour = rng.uniform(0, 255, 3)
-    while np.abs(colour - (c0 + c1) / 2).sum() < 150:  # keep the object visible
-        colour = rng.uniform(0, 255, 3)
+    colour = PALETTE[fg] + rng.normal(0, 10, 3)
     img[mask] = colour + rng.normal(0, 6, (int(mask.sum()), 3))
     img = np.clip(img, 0, 255).astype(np.uint8)
     if mask.any():

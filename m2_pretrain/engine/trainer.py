@@ -17,9 +17,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config, config_from_dict, save_config
-from ..data.augment import Normalizer, TwoViewTransform, eval_transform
+from ..data.augment import Normalizer, TwoViewTransform
 from ..data.datasets import build_dataset
-from ..eval.knn import extract_features, knn_accuracy
+from ..eval.knn import knn_eval_encoder
 from ..models import M2Teacher
 from ..models import schedules as S
 from .checkpoint import (
@@ -412,18 +412,8 @@ class Trainer:
 
     def knn_eval(self, which: str = "teacher") -> dict[str, float]:
         """kNN top-1/top-5 of the teacher (or student) encoder on the configured splits."""
-        c = self.cfg
-        tf = eval_transform(c.data.res)
-        train = build_dataset(c.data, c.data.knn_train_split, tf)
-        test = build_dataset(c.data, c.data.knn_test_split or c.data.knn_train_split, tf)
-        if len(train) > c.knn.max_train:
-            g = torch.Generator().manual_seed(0)
-            idx = torch.randperm(len(train), generator=g)[: c.knn.max_train].tolist()
-            train = torch.utils.data.Subset(train, idx)
         enc = getattr(self.model, which).encoder
-        ftr, ltr = extract_features(enc, train, self.normalizer, self.device, workers=c.data.workers)
-        fte, lte = extract_features(enc, test, self.normalizer, self.device, workers=c.data.workers)
-        return knn_accuracy(ftr, ltr, fte, lte, k=c.knn.k, temperature=c.knn.temperature)
+        return knn_eval_encoder(enc, self.cfg.data, self.cfg.knn, self.device)
 
     def _knn_monitor(self, writer) -> None:
         res = self.knn_eval()

@@ -83,3 +83,28 @@ def knn_accuracy(
         "top1": 100.0 * correct[:, 0].float().mean().item(),
         "top5": 100.0 * correct.any(1).float().mean().item(),
     }
+
+
+def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device,
+                     encoder_res: Optional[int] = None) -> dict[str, float]:
+    """kNN top-1/top-5 of ``encoder`` (eval mode) on ``data_cfg``'s kNN splits.
+
+    The training split is subsampled to ``knn_cfg.max_train`` images (fixed seed).
+    """
+    from ..data.augment import Normalizer, eval_transform
+    from ..data.datasets import build_dataset
+
+    if not data_cfg.knn_train_split:
+        raise ValueError("set data.knn_train_split (and data.knn_test_split) for kNN evaluation")
+    tf = eval_transform(encoder_res or data_cfg.res)
+    train = build_dataset(data_cfg, data_cfg.knn_train_split, tf)
+    test = build_dataset(data_cfg, data_cfg.knn_test_split or data_cfg.knn_train_split, tf)
+    if len(train) > knn_cfg.max_train:
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randperm(len(train), generator=g)[: knn_cfg.max_train].tolist()
+        train = torch.utils.data.Subset(train, idx)
+    norm = Normalizer(data_cfg.mean, data_cfg.std).to(device)
+    encoder = encoder.to(device)
+    ftr, ltr = extract_features(encoder, train, norm, device, workers=data_cfg.workers)
+    fte, lte = extract_features(encoder, test, norm, device, workers=data_cfg.workers)
+    return knn_accuracy(ftr, ltr, fte, lte, k=knn_cfg.k, temperature=knn_cfg.temperature)
