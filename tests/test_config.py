@@ -22,7 +22,9 @@ def test_wrong_type_is_named():
 
 
 def test_overrides_and_round_trip(tmp_path):
-    cfg = load_config(None, ["train.epochs=3", "optim.base_lr=0.3", "data.mean=[0.5,0.5,0.5]"])
+    cfg = load_config(None, ["train.epochs=3", "optim.base_lr=0.3", "data.mean=[0.5,0.5,0.5]",
+                             "optim.weight_decay=1e-4"])
+    assert cfg.optim.weight_decay == 1e-4
     assert cfg.train.epochs == 3.0 and isinstance(cfg.train.epochs, float)
     assert cfg.optim.base_lr == 0.3 and cfg.data.mean == [0.5, 0.5, 0.5]
     save_config(cfg, tmp_path / "r.yaml")
