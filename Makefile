@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean lint
+.PHONY: demo test install clean
 
 $(STAMP): requirements/base.txt requirements/detectron2-v0.6.txt scripts/install.sh scripts/install_detectron2.sh pyproject.toml
 	bash scripts/install.sh
@@ -17,3 +17,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output
+
+# Fashion-MNIST (Debian's dataset-fashion-mnist) for the learning-quality benchmark.
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+$(FMNIST):
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+.PHONY: benchmark-quality
+benchmark-quality: $(STAMP) $(FMNIST)
+	$(PY) benchmarks/learning_quality.py

@@ -8,6 +8,7 @@ import sys
 
 from .config import ConfigError, load_config
 from .engine.checkpoint import CheckpointError
+from .eval.common import EvalInputError
 
 
 def _train(args) -> int:
@@ -35,6 +36,37 @@ def _export(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    import torch
+
+    from .engine.trainer import resolve_device
+    from .eval import protocols
+    from .eval.common import load_encoder, read_split_file, write_results
+
+    cfg = load_config(args.config, args.overrides)
+    encoder, meta = load_encoder(args.weights, args.arch)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    extra = {"encoder_meta": meta}
+    if args.command == "linear":
+        numbers = protocols.linear_probe(encoder, cfg, device, progress=not args.no_progress)
+        print("linear probe on " + ("precomputed features (no train-time augmentation)"
+                                    if numbers["features_precomputed"] else "augmented images"))
+    elif args.command == "knn":
+        numbers = protocols.knn_eval(encoder, cfg, device, progress=not args.no_progress)
+    else:
+        from .data.datasets import build_dataset
+
+        train_split = cfg.data.knn_train_split or "train"
+        indices = read_split_file(args.split, build_dataset(cfg.data, train_split))
+        numbers = protocols.semi_finetune(encoder, cfg, indices, device, progress=not args.no_progress)
+        extra["split_file"] = str(args.split)
+    out = args.output_dir or f"output/{args.command}"
+    path = write_results(out, args.command, numbers, args.weights, cfg.to_dict(), extra)
+    print(f"{args.command}: top-1 {numbers['top1']:.2f}  top-5 {numbers['top5']:.2f}  -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="m2-pretrain", description="Momentum² Teacher pretraining")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -50,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--which", choices=("teacher", "student"), default="teacher")
     e.set_defaults(func=_export)
+    helps = {"linear": "linear probe of a frozen encoder", "knn": "weighted kNN classification",
+             "semi": "semi-supervised fine-tuning on a labelled split file"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--weights", required=True, help="encoder.pth from `m2-pretrain export`")
+        p.add_argument("--config", help="YAML config naming the dataset and eval settings")
+        p.add_argument("--arch", help="timm architecture when the weights have no metadata")
+        p.add_argument("--output-dir", help="where results.json goes")
+        p.add_argument("--no-progress", action="store_true")
+        if name == "semi":
+            p.add_argument("--split", required=True,
+                           help="file with one image path or name per line (SimCLR 1%%/10%% format)")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        p.set_defaults(func=_evaluate)
     return ap
 
 
@@ -58,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, EvalInputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except Exception as e:  # DatasetError etc.: one line, not a traceback, for user errors

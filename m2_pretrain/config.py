@@ -93,6 +93,21 @@ class KnnConfig:
 
 
 @dataclass
+class EvalConfig:
+    res: int = 0  # evaluation crop size; 0 = data.res
+    batch_size: int = 256
+    # linear probe: frozen encoder -> BN (no affine) -> linear; SGD 0.9, no wd, cosine
+    linear_epochs: float = 80.0
+    linear_lr: float = 0.5  # per 256 images (0.5 STL10, 0.2 ImageNet)
+    linear_augment: bool = True  # train-time crop + flip; false = precompute features once
+    # semi-supervised fine-tuning of the whole encoder + linear head
+    semi_epochs: float = 20.0  # 20 for a 1% split, 15 for 10%
+    semi_lr: float = 0.08  # at semi_batch_size (cosine)
+    semi_batch_size: int = 1024
+    val_split: str = ""  # labelled split to report on; empty = data.knn_test_split
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -100,6 +115,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

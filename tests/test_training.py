@@ -176,3 +176,23 @@ def test_ddp_two_processes_same_teacher(tmp_path):
     assert diff
     # and the teacher actually moved away from its initialisation on both ranks equally
     assert len(list_checkpoints(tmp_path / "out")) >= 1
+
+
+def test_knn_monitor_and_gradient_accumulation(tmp_path):
+    cfg = tiny_config(train={"max_steps": 2, "accum_steps": 2, "batch_size": 4},
+                      data={"knn_train_split": "train", "knn_test_split": "test"},
+                      knn={"every_epochs": 0.1, "k": 5, "max_train": 32})
+    t = Trainer(cfg, tmp_path, progress=False)
+    assert t.batches_per_epoch == 16 and t.steps_per_epoch == 8 and t.global_batch == 8
+    calls = {"n": 0}
+    orig = t.optimizer.step
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return orig(*a, **kw)
+
+    t.optimizer.step = counted
+    result = t.fit()
+    assert calls["n"] == 2  # 4 micro-batches, 2 optimizer steps
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in result["history"])
+    assert (tmp_path / "tb").is_dir() and any((tmp_path / "tb").iterdir())

@@ -65,6 +65,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def image_name(self, index: int) -> str:
+        """File name of image ``index`` (the format of the SimCLR 1%/10% split lists)."""
+        return os.path.basename(self.samples[index][0])
+
     def _load(self, path: str) -> Image.Image:
         try:
             with open(path, "rb") as f:
@@ -137,12 +141,17 @@ class STL10Binary(Dataset):
                 if len(y) != len(x):
                     raise DatasetError(f"{ypath}: {len(y)} labels for {len(x)} images")
                 labels.append(y)
+        self.parts = parts
         self.offsets = np.cumsum([0] + [len(x) for x in self.images])
         self.targets = np.concatenate(labels).tolist()
         self.transform = transform
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def image_name(self, index: int) -> str:
+        part = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return f"{self.parts[part]}_{index - self.offsets[part]:06d}"
 
     def __getitem__(self, index: int):
         part = int(np.searchsorted(self.offsets, index, side="right") - 1)
@@ -205,9 +214,13 @@ class FashionMNIST(Dataset):
             raise DatasetError(f"{root}: {len(labels)} labels for {len(self.images)} images")
         self.targets = labels.astype(np.int64).tolist()
         self.transform = transform
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def image_name(self, index: int) -> str:
+        return f"{self.split}_{index:05d}"
 
     def __getitem__(self, index: int):
         img = Image.fromarray(self.images[index]).convert("RGB")

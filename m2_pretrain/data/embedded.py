@@ -127,6 +127,9 @@ class EmbeddedShapes(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    def image_name(self, index: int) -> str:
+        return f"shape_{self.seed}_{index:06d}.png"
+
     def __getitem__(self, index: int):
         s = render_sample(index, self.res, self.num_classes, self.seed)
         img = Image.fromarray(s["image"])

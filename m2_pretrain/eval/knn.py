@@ -86,25 +86,30 @@ def knn_accuracy(
 
 
 def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device,
-                     encoder_res: Optional[int] = None) -> dict[str, float]:
-    """kNN top-1/top-5 of ``encoder`` (eval mode) on ``data_cfg``'s kNN splits.
-
-    The training split is subsampled to ``knn_cfg.max_train`` images (fixed seed).
+                     encoder_res: Optional[int] = None, train_split: Optional[str] = None,
+                     test_split: Optional[str] = None, batch_size: int = 256,
+                     progress: bool = False) -> dict[str, float]:
+    """kNN top-1/top-5 of ``encoder`` (eval mode) on ``data_cfg``'s kNN splits (or the given
+    ones). The training split is subsampled to ``knn_cfg.max_train`` images (fixed seed).
     """
     from ..data.augment import Normalizer, eval_transform
     from ..data.datasets import build_dataset
 
-    if not data_cfg.knn_train_split:
+    train_split = train_split or data_cfg.knn_train_split
+    test_split = test_split or data_cfg.knn_test_split or train_split
+    if not train_split:
         raise ValueError("set data.knn_train_split (and data.knn_test_split) for kNN evaluation")
     tf = eval_transform(encoder_res or data_cfg.res)
-    train = build_dataset(data_cfg, data_cfg.knn_train_split, tf)
-    test = build_dataset(data_cfg, data_cfg.knn_test_split or data_cfg.knn_train_split, tf)
+    train = build_dataset(data_cfg, train_split, tf)
+    test = build_dataset(data_cfg, test_split, tf)
     if len(train) > knn_cfg.max_train:
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(train), generator=g)[: knn_cfg.max_train].tolist()
         train = torch.utils.data.Subset(train, idx)
     norm = Normalizer(data_cfg.mean, data_cfg.std).to(device)
     encoder = encoder.to(device)
-    ftr, ltr = extract_features(encoder, train, norm, device, workers=data_cfg.workers)
-    fte, lte = extract_features(encoder, test, norm, device, workers=data_cfg.workers)
-    return knn_accuracy(ftr, ltr, fte, lte, k=knn_cfg.k, temperature=knn_cfg.temperature)
+    ftr, ltr = extract_features(encoder, train, norm, device, batch_size, data_cfg.workers, progress)
+    fte, lte = extract_features(encoder, test, norm, device, batch_size, data_cfg.workers, progress)
+    out = knn_accuracy(ftr, ltr, fte, lte, k=knn_cfg.k, temperature=knn_cfg.temperature)
+    out.update({"train_images": len(train), "val_images": len(test)})
+    return out
