@@ -31,7 +31,7 @@ def _export(args) -> int:
     from .export import export_encoder
 
     meta = export_encoder(args.checkpoint, args.out, args.which)
-    print(f"wrote {args.out} ({meta.get('arch')}, {args.which}, step {meta['step']}) "
+    print(f"wrote {args.out} ({meta.get('arch')}, {meta['which']}, step {meta['step']}) "
           f"and {args.out}.json")
     return 0
 
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="checkpoint -> plain timm encoder state_dict")
     e.add_argument("checkpoint")
     e.add_argument("--out", required=True)
-    e.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    e.add_argument("--which", choices=("teacher", "student"), default=None,
+                   help="branch to export (default: teacher for M2, query encoder for MoCo v2)")
     e.set_defaults(func=_export)
     helps = {"linear": "linear probe of a frozen encoder", "knn": "weighted kNN classification",
              "semi": "semi-supervised fine-tuning on a labelled split file"}

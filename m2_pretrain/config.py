@@ -20,13 +20,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    method: str = "m2"  # "m2" (Momentum² Teacher / BYOL family)
+    method: str = "m2"  # "m2" (Momentum² Teacher / BYOL family) or "mocov2"
     arch: str = "resnet18"  # any timm CNN
     proj_hidden: int = 512
     proj_out: int = 128
     pred_hidden: int = 512
     teacher_norm: str = "momentum"  # "momentum" (Momentum BN) or "bn" (BYOL baseline)
     alpha_base: float = 1.0  # Momentum BN: initial weight of the current batch
+    # MoCo v2 (method: mocov2)
+    moco_dim: int = 128
+    moco_hidden: int = 2048
+    moco_queue: int = 65536
+    moco_temperature: float = 0.2
+    key_norm: str = "shuffle_bn"  # shuffle_bn | momentum | bn
+    key_alpha: float = 0.064  # fixed Momentum BN alpha of the key encoder
+    shuffle_splits: int = 2  # single-process shuffle BN sub-batches
 
 
 @dataclass
@@ -69,6 +77,7 @@ class TrainConfig:
     m_base: float = 0.032  # initial 1 - m of the parameter EMA, at m_base_reference_batch
     # momentum equivalence rule (paper 4.2): m_base is scaled by global_batch / this; 0 = off
     m_base_reference_batch: int = 0
+    m_schedule: str = "cosine"  # cosine: 1 - m decays to 0; constant: m = 1 - m_base (MoCo)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
@@ -231,7 +240,9 @@ def config_from_dict(data: dict) -> Config:
 
 def validate(cfg: Config) -> None:
     choices = {
-        "model.method": (cfg.model.method, ("m2",)),
+        "model.method": (cfg.model.method, ("m2", "mocov2")),
+        "model.key_norm": (cfg.model.key_norm, ("shuffle_bn", "momentum", "bn")),
+        "train.m_schedule": (cfg.train.m_schedule, ("cosine", "constant")),
         "model.teacher_norm": (cfg.model.teacher_norm, ("momentum", "bn")),
         "data.dataset": (cfg.data.dataset, ("embedded", "imagefolder", "stl10", "fashion_mnist")),
         "optim.name": (cfg.optim.name, ("sgd", "lars")),

@@ -18,8 +18,15 @@ def is_training_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and {"student", "teacher", "config"} <= set(obj)
 
 
-def encoder_state_from_checkpoint(ckpt: dict, which: str = "teacher") -> dict[str, torch.Tensor]:
-    """The ``which`` branch's encoder weights with timm's names (no heads, no Momentum BN state)."""
+def default_branch(ckpt: dict) -> str:
+    """The branch to export by default: M2's teacher (as the paper does), MoCo's query encoder."""
+    return "student" if ckpt.get("meta", {}).get("method") == "mocov2" else "teacher"
+
+
+def encoder_state_from_checkpoint(ckpt: dict, which: str | None = None) -> dict[str, torch.Tensor]:
+    """The ``which`` branch's encoder weights with timm's names (no heads, no Momentum BN state).
+    ``which=None`` picks ``default_branch``."""
+    which = which or default_branch(ckpt)
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     if not is_training_checkpoint(ckpt):
@@ -42,7 +49,7 @@ def meta_path(out: str | Path) -> Path:
     return Path(str(out) + ".json")
 
 
-def export_encoder(ckpt_path: str | Path, out: str | Path, which: str = "teacher") -> dict:
+def export_encoder(ckpt_path: str | Path, out: str | Path, which: str | None = None) -> dict:
     """Write ``out`` (a plain state_dict loadable with ``strict=True`` into
     ``timm.create_model(arch, num_classes=0)``) and ``out + '.json'`` with its metadata.
 
@@ -50,6 +57,7 @@ def export_encoder(ckpt_path: str | Path, out: str | Path, which: str = "teacher
         The metadata dict.
     """
     ckpt = safe_load(ckpt_path)
+    which = which or default_branch(ckpt)
     sd = encoder_state_from_checkpoint(ckpt, which)
     meta = dict(ckpt.get("meta", {}))
     meta.update({"which": which, "step": int(ckpt.get("step", -1)),

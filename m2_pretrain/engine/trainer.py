@@ -21,6 +21,7 @@ from ..data.augment import Normalizer, TwoViewTransform
 from ..data.datasets import build_dataset
 from ..eval.knn import knn_eval_encoder
 from ..models import M2Teacher
+from ..models.mocov2 import MoCoV2
 from ..models import schedules as S
 from .checkpoint import (
     capture_rng_state,
@@ -150,9 +151,21 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
-def build_model(cfg: Config) -> M2Teacher:
+def build_model(cfg: Config) -> nn.Module:
     m = cfg.model
+    if m.method == "mocov2":
+        return MoCoV2(m.arch, m.moco_dim, m.moco_hidden, m.moco_queue, m.moco_temperature,
+                      m.key_norm, m.key_alpha, m.shuffle_splits)
     return M2Teacher(m.arch, m.proj_hidden, m.proj_out, m.pred_hidden, m.teacher_norm, m.alpha_base)
+
+
+def build_augmentation(cfg: Config) -> TwoViewTransform:
+    """The authors' two-view pipeline for M2; MoCo v2's symmetric one for ``mocov2``."""
+    d = cfg.data
+    if cfg.model.method == "mocov2":
+        return TwoViewTransform(d.res, d.crop_scale_min, jitter=(0.4, 0.4, 0.4, 0.1),
+                                student_blur_p=0.5, teacher_blur_p=0.5, teacher_solarize_p=0.0)
+    return TwoViewTransform(d.res, d.crop_scale_min)
 
 
 class Trainer:
@@ -178,7 +191,7 @@ class Trainer:
 
         # data
         d = cfg.data
-        aug = TwoViewTransform(d.res, d.crop_scale_min)
+        aug = build_augmentation(cfg)
         base = build_dataset(d, d.split, aug)
         self.dataset = SeededSample(base, cfg.train.seed)
         self.sampler = EpochBatchSampler(len(base), cfg.train.batch_size, cfg.train.seed,
@@ -203,7 +216,8 @@ class Trainer:
         self.normalizer = Normalizer(d.mean, d.std).to(self.device)
         if self.cuda and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(cfg, [self.model.student, self.model.predictor], self.base_lr)
+        # every trainable parameter: student (+ predictor for M2); teachers have requires_grad off
+        self.optimizer = build_optimizer(cfg, [self.model], self.base_lr)
         self.step_module: nn.Module = self.model
         if self.dist.world_size > 1:
             # Per-device BN statistics (no SyncBN, no buffer broadcast), as in the paper.
@@ -228,7 +242,9 @@ class Trainer:
         return {
             "student": self.model.student.state_dict(),
             "teacher": self.model.teacher.state_dict(),
-            "predictor": self.model.predictor.state_dict(),
+            "predictor": self.model.predictor.state_dict() if hasattr(self.model, "predictor") else {},
+            # the model's own buffers (MoCo's queue and pointer)
+            "extra": {k: v for k, v in self.model.named_buffers(recurse=False)},
             "optimizer": self.optimizer.state_dict(),
             "scaler": None,  # bf16 autocast needs no loss scaler
             "step": self.step,
@@ -252,7 +268,11 @@ class Trainer:
                                "resume with the same model settings or a new --output-dir")
         self.model.student.load_state_dict(ckpt["student"])
         self.model.teacher.load_state_dict(ckpt["teacher"])
-        self.model.predictor.load_state_dict(ckpt["predictor"])
+        if hasattr(self.model, "predictor"):
+            self.model.predictor.load_state_dict(ckpt["predictor"])
+        with torch.no_grad():
+            for k, v in ckpt.get("extra", {}).items():
+                getattr(self.model, k).copy_(v)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
         restore_rng_state(ckpt["rng"])
@@ -273,7 +293,10 @@ class Trainer:
                              self.cfg.optim.warmup_factor)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        one_minus_m = S.ema_one_minus_m(k, self.total_steps, self.m_base)
+        if self.cfg.train.m_schedule == "constant":
+            one_minus_m = self.m_base
+        else:
+            one_minus_m = S.ema_one_minus_m(k, self.total_steps, self.m_base)
         alpha = S.momentum_bn_alpha(k, self.total_steps, self.cfg.model.alpha_base)
         self.model.set_alpha(alpha)
         return lr, one_minus_m, alpha
@@ -347,7 +370,7 @@ class Trainer:
                     if micro % accum == 0:
                         if cfg.train.grad_clip > 0:
                             torch.nn.utils.clip_grad_norm_(
-                                list(self.model.student.parameters()) + list(self.model.predictor.parameters()),
+                                [p for p in self.model.parameters() if p.requires_grad],
                                 cfg.train.grad_clip)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
