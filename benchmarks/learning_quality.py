@@ -133,7 +133,7 @@ def write_report(args, rows: list[dict], out: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", "--budget", type=int, default=250, help="optimizer steps per run")
+    ap.add_argument("--steps", "--budget", type=int, default=200, help="optimizer steps per run")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--arch", default="resnet10t")

@@ -1,0 +1,163 @@
+"""timm / torchvision ResNet weights -> Detectron2 ResNet weights (.pkl).
+
+Accepts a training checkpoint of this toolkit (teacher or student encoder), an exported
+encoder (``m2-pretrain export``), or a torchvision/timm ResNet ``state_dict`` (the supervised
+baseline). Every encoder key must map to a Detectron2 name; the classifier (``fc``) of a
+supervised model is dropped; anything else unmapped is an error listing the keys.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from m2_pretrain.engine.checkpoint import safe_load
+from m2_pretrain.export import encoder_state_from_checkpoint, is_training_checkpoint
+
+AUTHOR = "m2_teacher toolkit (converted from a timm/torchvision ResNet)"
+
+# Keys that are knowingly not part of the encoder: the supervised classifier, BN counters.
+_DROPPED = re.compile(r"^(fc\.(weight|bias))$|(^|\.)num_batches_tracked$")
+
+_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
+class ConversionError(ValueError):
+    """Keys that cannot be converted; the message lists them."""
+
+
+def _map_key(key: str) -> Optional[str]:
+    """timm/torchvision ResNet key -> Detectron2 key (None when it does not map)."""
+    m = re.fullmatch(r"conv1\.weight", key)
+    if m:
+        return "stem.conv1.weight"
+    m = re.fullmatch(r"bn1\.(weight|bias|running_mean|running_var)", key)
+    if m:
+        return f"stem.conv1.norm.{m.group(1)}"
+    m = re.fullmatch(r"layer([1-4])\.(\d+)\.conv([1-3])\.weight", key)
+    if m:
+        return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.weight"
+    m = re.fullmatch(r"layer([1-4])\.(\d+)\.bn([1-3])\.(weight|bias|running_mean|running_var)", key)
+    if m:
+        return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.norm.{m.group(4)}"
+    m = re.fullmatch(r"layer([1-4])\.(\d+)\.downsample\.0\.weight", key)
+    if m:
+        return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.weight"
+    m = re.fullmatch(r"layer([1-4])\.(\d+)\.downsample\.1\.(weight|bias|running_mean|running_var)", key)
+    if m:
+        return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.norm.{m.group(3)}"
+    return None
+
+
+def load_encoder_state(path: str | Path, which: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Encoder weights (timm names) from a training checkpoint, exported encoder or state_dict."""
+    obj = safe_load(path)
+    if is_training_checkpoint(obj):
+        return encoder_state_from_checkpoint(obj, which)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # common wrapper of published checkpoints
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionError(f"{path}: not a state_dict of tensors nor a training checkpoint")
+    if which is not None:
+        raise ConversionError(f"--which only applies to training checkpoints; {path} is a state_dict")
+    return obj
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Map every key; returns (Detectron2 weights, dropped keys).
+
+    Raises:
+        ConversionError: listing keys that are neither mapped nor knowingly dropped.
+    """
+    out, dropped, unmapped = {}, [], []
+    for k, v in sd.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        new = _map_key(k)
+        if new is not None:
+            out[new] = v.detach().cpu().float().numpy()
+        elif _DROPPED.search(k):
+            dropped.append(k)
+        else:
+            unmapped.append(k)
+    if unmapped:
+        raise ConversionError(
+            f"{len(unmapped)} keys cannot be converted to Detectron2 ResNet names "
+            f"(is this a torchvision-style ResNet?): {', '.join(unmapped[:20])}"
+            + (" ..." if len(unmapped) > 20 else ""))
+    if "stem.conv1.weight" not in out:
+        raise ConversionError("no ResNet stem (conv1.weight) found: not a ResNet encoder")
+    return out, dropped
+
+
+def resnet_depth(d2_weights: dict[str, np.ndarray]) -> int:
+    """Depth (18/34/50/101/152) from the block counts and block type."""
+    blocks = tuple(
+        len({k.split(".")[1] for k in d2_weights if k.startswith(f"res{s}.")}) for s in (2, 3, 4, 5))
+    bottleneck = any(k.endswith("conv3.weight") for k in d2_weights)
+    table = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,
+             (3, 4, 23, 3, True): 101, (3, 8, 36, 3, True): 152}
+    depth = table.get(blocks + (bottleneck,))
+    if depth is None:
+        raise ConversionError(f"unsupported ResNet layout: blocks {blocks}, bottleneck={bottleneck}")
+    return depth
+
+
+def write_d2_pickle(d2_weights: dict[str, np.ndarray], out: str | Path) -> None:
+    payload = {"model": d2_weights, "__author__": AUTHOR, "matching_heuristics": True}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:
+        pickle.dump(payload, f)
+
+
+def convert_file(src: str | Path, out: str | Path, which: Optional[str] = None) -> dict:
+    """Convert ``src`` to a Detectron2 ``.pkl`` at ``out``. Returns a summary dict."""
+    sd = load_encoder_state(src, which)
+    d2, dropped = convert_state_dict(sd)
+    depth = resnet_depth(d2)
+    write_d2_pickle(d2, out)
+    return {"keys": len(d2), "dropped": dropped, "depth": depth, "out": str(out)}
+
+
+@torch.no_grad()
+def verify(src: str | Path, d2_pkl: str | Path, which: Optional[str] = None, res: int = 224,
+           arch: Optional[str] = None) -> float:
+    """Build Detectron2's ResNet from ``d2_pkl`` and timm's from ``src``; return the max abs
+    difference of res2..res5 features on one random image (both in eval mode)."""
+    import timm
+
+    from . import install_c_standin  # noqa: F401  (detectron2._C stand-in when needed)
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    sd = load_encoder_state(src, which)
+    with open(d2_pkl, "rb") as f:
+        d2 = pickle.load(f)["model"]
+    depth = resnet_depth(d2)
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    if depth in (18, 34):
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+    missing, unexpected = backbone.load_state_dict({k: torch.from_numpy(v) for k, v in d2.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ConversionError(f"Detectron2 ResNet-{depth} does not accept the weights: missing "
+                              f"{missing[:10]}, unexpected {unexpected[:10]}")
+    arch = arch or f"resnet{depth}"
+    ref = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    ref.load_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")}, strict=True)
+    x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(0))
+    ours = backbone(x)
+    theirs = ref(x)
+    return max(float((ours[f"res{i + 2}"] - t).abs().max()) for i, t in enumerate(theirs))

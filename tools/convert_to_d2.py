@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Convert a pretrained ResNet (training checkpoint, exported encoder, or torchvision/timm
+state_dict) to Detectron2 weights.
+
+    python tools/convert_to_d2.py INPUT OUTPUT.pkl [--which teacher|student] [--verify]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from m2_detectron2.convert import ConversionError, convert_file, verify  # noqa: E402
+from m2_pretrain.engine.checkpoint import CheckpointError  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input")
+    ap.add_argument("output")
+    ap.add_argument("--which", choices=("teacher", "student"),
+                    help="branch of a training checkpoint (default: teacher for M2, query for MoCo)")
+    ap.add_argument("--verify", action="store_true",
+                    help="check Detectron2's ResNet features against timm's on a random image")
+    args = ap.parse_args()
+    try:
+        info = convert_file(args.input, args.output, args.which)
+        counters = [k for k in info["dropped"] if k.endswith("num_batches_tracked")]
+        others = [k for k in info["dropped"] if k not in counters]
+        note = ", ".join(others + ([f"{len(counters)} BN counters"] if counters else []))
+        print(f"wrote {info['out']}: ResNet-{info['depth']}, {info['keys']} tensors"
+              + (f" (dropped {note})" if note else ""))
+        if args.verify:
+            diff = verify(args.input, args.output, args.which)
+            print(f"verify: res2..res5 max abs diff {diff:.3e}")
+            if diff > 1e-3:
+                print("error: features differ: the conversion is wrong", file=sys.stderr)
+                return 1
+    except (ConversionError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
