@@ -77,7 +77,7 @@ class Ceiling(nn.Module):
         return {"loss": self.student(v1).float().mean() + self.student(v2).float().mean() + 0 * t}
 
 
-def make_arm(name: str, arch: str, heads: dict) -> nn.Module:
+def make_arm(name: str, arch: str, heads: dict, batch: int) -> nn.Module:
     if name == "ceiling":
         return Ceiling(arch)
     if name == "byol_bn":
@@ -88,7 +88,7 @@ def make_arm(name: str, arch: str, heads: dict) -> nn.Module:
         return ReferenceM2Teacher(arch, **heads)
     if name.startswith("mocov2_"):
         return MoCoV2(arch, queue_size=65536, key_norm="shuffle_bn" if name.endswith("shuffle") else "momentum",
-                      shuffle_splits=8)
+                      shuffle_splits=max(1, min(8, batch // 2)))  # >= 2 images per sub-batch
     raise ValueError(name)
 
 
@@ -135,7 +135,7 @@ def bench_steps(args) -> dict:
     fmt = torch.channels_last if cuda else torch.contiguous_format
     v1 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
     v2 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
-    steps = {a: Step(a, make_arm(a, args.arch, heads), device, amp, cuda, args.compile) for a in arms}
+    steps = {a: Step(a, make_arm(a, args.arch, heads, args.batch), device, amp, cuda, args.compile) for a in arms}
     peak = {}
     for a, st in steps.items():  # warm-up (and compilation), peak memory per arm
         if cuda:
