@@ -9,7 +9,6 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from m2_pretrain.layers import (
-    MomentumBatchNorm,
     MomentumBatchNormAct2d,
     convert_momentum_bn,
     count_plain_bn,

@@ -2,15 +2,13 @@
 
 import copy
 
-import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from m2_pretrain.engine.checkpoint import list_checkpoints, safe_load
 from m2_pretrain.engine.trainer import Trainer
 from m2_pretrain.export import export_encoder
-from m2_pretrain.layers import MomentumBatchNorm, count_plain_bn, momentum_bn_modules
+from m2_pretrain.layers import count_plain_bn, momentum_bn_modules
 from m2_pretrain.models.mocov2 import MoCoV2
 
 from helpers import tiny_config

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from .embedded import EmbeddedShapes
 
@@ -254,7 +254,6 @@ def build_dataset(data_cfg, split: str, transform: Optional[Callable] = None) ->
 
 
 __all__ = [
-    "ConcatDataset",
     "DatasetError",
     "FashionMNIST",
     "ImageFolderDataset",

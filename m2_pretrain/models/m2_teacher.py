@@ -16,6 +16,13 @@ from .loss import symmetric_byol_loss
 TeacherNorm = Literal["momentum", "bn"]
 
 
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, names: list[str], one_minus_m: float) -> None:
+    """``t <- m * t + (1 - m) * s`` for the named parameters, paired by name (not by order)."""
+    s, t = dict(student.named_parameters()), dict(teacher.named_parameters())
+    torch._foreach_lerp_([t[n] for n in names], [s[n].detach() for n in names], float(one_minus_m))
+
+
 class Branch(nn.Module):
     """Encoder followed by projector: ``z = projector(encoder(x))``."""
 
@@ -83,20 +90,13 @@ class M2Teacher(nn.Module):
                 raise RuntimeError(f"shape mismatch for {n}: {s[n].shape} vs {t[n].shape}")
         self._ema_names = names
 
-    def ema_pairs(self) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-        """(names, teacher tensors, student tensors), paired by name."""
-        s = dict(self.student.named_parameters())
-        t = dict(self.teacher.named_parameters())
-        return self._ema_names, [t[n] for n in self._ema_names], [s[n].detach() for n in self._ema_names]
-
     @torch.no_grad()
     def update_teacher(self, one_minus_m: float) -> None:
         """``xi <- m * xi + (1 - m) * theta`` for every parameter, paired by name.
 
         Teacher BN buffers (Momentum BN running statistics, alpha) are not touched.
         """
-        _, t, s = self.ema_pairs()
-        torch._foreach_lerp_(t, s, float(one_minus_m))
+        ema_update_(self.teacher, self.student, self._ema_names, one_minus_m)
 
     def set_alpha(self, alpha: float | torch.Tensor) -> None:
         """Set the Momentum BN current-batch weight of the teacher (no-op for ``bn``)."""

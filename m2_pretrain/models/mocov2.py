@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..layers import convert_momentum_bn
 from .encoder import create_encoder
-from .m2_teacher import Branch
+from .m2_teacher import Branch, ema_update_
 
 KeyNorm = Literal["shuffle_bn", "momentum", "bn"]
 
@@ -102,9 +102,7 @@ class MoCoV2(nn.Module):
     @torch.no_grad()
     def update_teacher(self, one_minus_m: float) -> None:
         """Key encoder ``k <- m k + (1 - m) q``, paired by parameter name."""
-        s, t = dict(self.student.named_parameters()), dict(self.teacher.named_parameters())
-        torch._foreach_lerp_([t[n] for n in self._ema_names], [s[n].detach() for n in self._ema_names],
-                             float(one_minus_m))
+        ema_update_(self.teacher, self.student, self._ema_names, one_minus_m)
 
     def set_alpha(self, alpha) -> None:
         """MoCo's Momentum BN keeps its fixed alpha: the M2 alpha schedule does not apply."""
