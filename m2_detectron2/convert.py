@@ -24,33 +24,33 @@ AUTHOR = "m2_teacher toolkit (converted from a timm/torchvision ResNet)"
 # Keys that are knowingly not part of the encoder: the supervised classifier, BN counters.
 _DROPPED = re.compile(r"^(fc\.(weight|bias))$|(^|\.)num_batches_tracked$")
 
-_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
-
 
 class ConversionError(ValueError):
     """Keys that cannot be converted; the message lists them."""
 
 
+_BN = r"(weight|bias|running_mean|running_var)"
+# (timm/torchvision pattern, Detectron2 template); groups: stage, block, conv index, BN field.
+_RULES = [
+    (re.compile(r"conv1\.weight"), lambda m: "stem.conv1.weight"),
+    (re.compile(rf"bn1\.{_BN}"), lambda m: f"stem.conv1.norm.{m[1]}"),
+    (re.compile(r"layer([1-4])\.(\d+)\.conv([1-3])\.weight"),
+     lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight"),
+    (re.compile(rf"layer([1-4])\.(\d+)\.bn([1-3])\.{_BN}"),
+     lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}"),
+    (re.compile(r"layer([1-4])\.(\d+)\.downsample\.0\.weight"),
+     lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.weight"),
+    (re.compile(rf"layer([1-4])\.(\d+)\.downsample\.1\.{_BN}"),
+     lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm.{m[3]}"),
+]
+
+
 def _map_key(key: str) -> Optional[str]:
     """timm/torchvision ResNet key -> Detectron2 key (None when it does not map)."""
-    m = re.fullmatch(r"conv1\.weight", key)
-    if m:
-        return "stem.conv1.weight"
-    m = re.fullmatch(r"bn1\.(weight|bias|running_mean|running_var)", key)
-    if m:
-        return f"stem.conv1.norm.{m.group(1)}"
-    m = re.fullmatch(r"layer([1-4])\.(\d+)\.conv([1-3])\.weight", key)
-    if m:
-        return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.weight"
-    m = re.fullmatch(r"layer([1-4])\.(\d+)\.bn([1-3])\.(weight|bias|running_mean|running_var)", key)
-    if m:
-        return f"res{int(m.group(1)) + 1}.{m.group(2)}.conv{m.group(3)}.norm.{m.group(4)}"
-    m = re.fullmatch(r"layer([1-4])\.(\d+)\.downsample\.0\.weight", key)
-    if m:
-        return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.weight"
-    m = re.fullmatch(r"layer([1-4])\.(\d+)\.downsample\.1\.(weight|bias|running_mean|running_var)", key)
-    if m:
-        return f"res{int(m.group(1)) + 1}.{m.group(2)}.shortcut.norm.{m.group(3)}"
+    for pattern, template in _RULES:
+        m = pattern.fullmatch(key)
+        if m:
+            return template(m)
     return None
 
 
