@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,14 +29,14 @@ def sha256_of(path: str | Path) -> str:
 
 
 def _describe_pickle(path: Path) -> Optional[str]:
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)  # noqa: S301 - only to name what the file is, never executed code
-    except Exception:  # noqa: BLE001
+    """Name what a non-PyTorch file is without unpickling it (unpickling can run code)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if not head.startswith(b"\x80"):  # pickle protocol >= 2 marker
         return None
-    if isinstance(obj, dict) and "model" in obj and ("__author__" in obj or "matching_heuristics" in obj):
+    if b"matching_heuristics" in head or b"__author__" in head:
         return "a Detectron2 weights file (.pkl)"
-    return f"a pickle of {type(obj).__name__}"
+    return "a plain pickle"
 
 
 def load_encoder(weights: str | Path, arch: Optional[str] = None) -> tuple[nn.Module, dict]:

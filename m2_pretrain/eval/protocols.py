@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..config import Config
 from ..data.augment import Normalizer, eval_transform
 from ..data.datasets import build_dataset
+from ..models.schedules import cosine_decay
 from .common import encoder_fingerprint, sanity_check_frozen, topk_correct
 from .knn import knn_eval_encoder
 
@@ -51,10 +52,6 @@ def _bar(it, desc: str, progress: bool, total: Optional[int] = None):
     from tqdm import tqdm
 
     return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-def _cosine_lr(base: float, step: int, total: int) -> float:
-    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
 @torch.no_grad()
@@ -118,7 +115,7 @@ def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress
             if step >= total:
                 break
             for g in opt.param_groups:
-                g["lr"] = _cosine_lr(lr, step, total)
+                g["lr"] = cosine_decay(step, total, lr)
             loss = F.cross_entropy(head(features(x)), torch.as_tensor(y).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,7 +211,7 @@ def semi_finetune(encoder: nn.Module, cfg: Config, indices: list[int], device: t
             if step >= total:
                 break
             for g in opt.param_groups:
-                g["lr"] = _cosine_lr(lr, step, total)
+                g["lr"] = cosine_decay(step, total, lr)
             loss = F.cross_entropy(model(norm(x.to(device))), torch.as_tensor(y).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
