@@ -63,6 +63,20 @@ class _StandInModule(types.ModuleType):
 
     IS_STANDIN = True
 
+    # Build information that detectron2's collect_env_info() (run by default_setup) reads;
+    # these describe the missing extension instead of raising.
+    @staticmethod
+    def get_compiler_version() -> str:
+        return "none (no C++ extension; m2_detectron2 pure-Python stand-in)"
+
+    @staticmethod
+    def get_cuda_version() -> str:
+        return "none (no C++ extension)"
+
+    @staticmethod
+    def has_cuda() -> bool:
+        return False
+
     def __getattr__(self, name: str):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)

@@ -1,0 +1,108 @@
+"""Training / evaluation entry points for ``tools/train_net.py`` (Detectron2 plugin shape:
+``setup`` -> ``main`` -> ``launch``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from .config import add_m2_config
+from .data import register_coco_spec, register_embedded
+from .evaluation import build_evaluator
+
+logger = logging.getLogger("m2_detectron2")
+
+
+class SetupError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's DefaultTrainer with COCO/LVIS evaluation chosen per dataset."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+
+def _check_weights(cfg) -> None:
+    w = cfg.MODEL.WEIGHTS
+    if not w or "://" in w:
+        return
+    if not Path(w).is_file():
+        raise SetupError(f"MODEL.WEIGHTS={w} does not exist")
+    if Path(w).with_suffix(".json").is_file() and w.endswith((".pth", ".pt")):
+        raise SetupError(
+            f"MODEL.WEIGHTS={w} looks like an exported encoder (timm names, with a .json "
+            "sidecar): convert it with `python tools/convert_to_d2.py` for the ResNet configs, "
+            "or pass it as MODEL.TIMM.WEIGHTS with a timm-backbone config")
+
+
+def build_config(config_file: str, opts: list[str], register_coco: list[str] = ()):
+    """Load a yacs config with the plugin's keys, register datasets, adapt to CPU."""
+    cfg = get_cfg()
+    add_m2_config(cfg)
+    if not Path(config_file).is_file():
+        raise SetupError(f"config file {config_file} does not exist")
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    register_embedded()
+    for spec in list(cfg.M2.REGISTER_COCO) + list(register_coco):
+        register_coco_spec(spec)
+    known = set(DatasetCatalog.list())
+    unknown = [d for d in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if d not in known]
+    if unknown:
+        raise SetupError(
+            f"unknown dataset(s) {unknown}: COCO/LVIS go under $DETECTRON2_DATASETS "
+            f"(now {os.environ.get('DETECTRON2_DATASETS', 'datasets')}); other COCO-format sets "
+            "are registered with --register-coco name=annotations.json:image_dir")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on CPU (SyncBN acts as BN on one process)")
+        cfg.MODEL.DEVICE = "cpu"
+    _check_weights(cfg)
+    return cfg
+
+
+def setup(args):
+    cfg = build_config(args.config_file, args.opts, getattr(args, "register_coco", []) or [])
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def write_results(cfg, results) -> None:
+    if comm.is_main_process() and results:
+        out = Path(cfg.OUTPUT_DIR) / "results.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"config": cfg.dump(), "results": results}, f, indent=2, default=float)
+        logger.info("results written to %s", out)
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        write_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    results = getattr(trainer, "_last_eval_results", None)
+    write_results(cfg, results)
+    return results

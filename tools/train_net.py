@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Fine-tune / evaluate a Detectron2 model with the Momentum² Teacher plugin.
+
+    python tools/train_net.py --config-file configs/detectron2/mask_rcnn_R50_FPN_1x.yaml \
+        --num-gpus 8 MODEL.WEIGHTS m2_r50.pkl
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
+    python tools/train_net.py --config-file ... --register-coco mine=ann.json:images \
+        DATASETS.TRAIN '("mine",)'
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import m2_detectron2  # noqa: E402,F401  (installs the detectron2._C stand-in when needed)
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+
+from m2_detectron2.train import SetupError, main  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument("--register-coco", action="append", default=[], metavar="NAME=JSON:IMAGES",
+                        help="register a COCO-format dataset (repeatable)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except SetupError as e:
+        sys.exit(f"error: {e}")
