@@ -10,7 +10,7 @@ $(STAMP): requirements/base.txt requirements/detectron2-v0.6.txt scripts/install
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m m2_pretrain.demo
+	$(PY) -m m2_detectron2.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

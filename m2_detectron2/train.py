@@ -16,6 +16,8 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
+from m2_pretrain.export import meta_path
+
 from .config import add_m2_config
 from .data import register_coco_spec, register_embedded
 from .evaluation import build_evaluator
@@ -41,7 +43,7 @@ def _check_weights(cfg) -> None:
         return
     if not Path(w).is_file():
         raise SetupError(f"MODEL.WEIGHTS={w} does not exist")
-    if Path(w).with_suffix(".json").is_file() and w.endswith((".pth", ".pt")):
+    if meta_path(w).is_file():
         raise SetupError(
             f"MODEL.WEIGHTS={w} looks like an exported encoder (timm names, with a .json "
             "sidecar): convert it with `python tools/convert_to_d2.py` for the ResNet configs, "

@@ -262,7 +262,9 @@ def test_build_config_errors(data, weights, tmp_path):
                                 "DATASETS.TEST", "()", "DATASETS.TRAIN", f"('{data['coco_train']}',)"])
     enc = tmp_path / "encoder.pth"
     shutil.copy(weights["resnet50"][0], enc)
-    enc.with_suffix(".json").write_text("{}")
+    from m2_pretrain.export import meta_path
+
+    meta_path(enc).write_text("{}")  # the metadata sidecar `m2-pretrain export` writes
     with pytest.raises(SetupError, match="exported encoder.*convert_to_d2"):
         build_config(cfg_file, ["MODEL.WEIGHTS", str(enc), "DATASETS.TEST", "()",
                                 "DATASETS.TRAIN", f"('{data['coco_train']}',)"])

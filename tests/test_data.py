@@ -126,3 +126,27 @@ def test_view_pipelines_have_configured_probabilities():
     assert abs(_freq(teacher_only_sol, flat, solarized) - 0.2) < 0.06
     out = tv.student(colour)
     assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+
+
+def test_pil_gaussian_blur_matches_a_true_gaussian():
+    """The pipeline's PIL blur (extended box blur) against torchvision's full-kernel Gaussian
+    of the same sigma: close to it, and far from the unblurred image."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from m2_pretrain.data.augment import RandomGaussianBlur
+    from m2_pretrain.data.embedded import render_sample
+
+    img = Image.fromarray(render_sample(3, 96)["image"])
+    x = TF.pil_to_tensor(img).float()
+    for sigma in (0.5, 1.0, 2.0):
+        ours = TF.pil_to_tensor(RandomGaussianBlur((sigma, sigma))(img)).float()
+        ref = TF.gaussian_blur(x, kernel_size=2 * int(4 * sigma) + 1, sigma=sigma)
+        crop = (slice(None), slice(8, -8), slice(8, -8))  # borders are padded differently
+        err = (ours - ref)[crop].abs().mean()
+        signal = (x - ref)[crop].abs().mean()
+        assert err < 0.25 * signal, (sigma, float(err), float(signal))
+    torch.manual_seed(0)
+    a = TF.pil_to_tensor(RandomGaussianBlur((0.1, 2.0))(img))
+    torch.manual_seed(0)
+    assert torch.equal(a, TF.pil_to_tensor(RandomGaussianBlur((0.1, 2.0))(img)))

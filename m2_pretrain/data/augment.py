@@ -31,10 +31,26 @@ STUDENT_VIEW = dict(blur_p=1.0, solarize_p=0.0)
 TEACHER_VIEW = dict(blur_p=0.1, solarize_p=0.2)
 
 
-def _blur_kernel(res: int) -> int:
-    """About 10% of the image side, odd (23 at 224 px, 9 at 96 px, 3 at 32 px)."""
-    k = max(3, int(0.1 * res))
-    return k if k % 2 == 1 else k + 1
+class RandomGaussianBlur:
+    """Gaussian blur with sigma ~ U(sigma_min, sigma_max) on a PIL image, with PIL's own
+    ``ImageFilter.GaussianBlur(radius=sigma)`` (as in the MoCo v2 / BYOL reference code).
+
+    PIL blurs in C on the uint8 image; torchvision's ``GaussianBlur`` on a PIL image converts
+    it to a tensor and back and convolves a full kernel, which made blur the largest cost of
+    the two-view pipeline.
+    """
+
+    def __init__(self, sigma=(0.1, 2.0)) -> None:
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, img):
+        from PIL import ImageFilter
+
+        sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * float(torch.rand(()))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
 
 
 def build_view_transform(cfg: ViewAugConfig) -> T.Compose:
@@ -45,7 +61,7 @@ def build_view_transform(cfg: ViewAugConfig) -> T.Compose:
         T.RandomHorizontalFlip(p=cfg.flip_p),
         T.RandomApply([T.ColorJitter(*cfg.jitter)], p=cfg.jitter_p),
         T.RandomGrayscale(p=cfg.gray_p),
-        T.RandomApply([T.GaussianBlur(_blur_kernel(cfg.res), sigma=cfg.blur_sigma)], p=cfg.blur_p),
+        T.RandomApply([RandomGaussianBlur(cfg.blur_sigma)], p=cfg.blur_p),
         T.RandomSolarize(threshold=128, p=cfg.solarize_p),
         T.PILToTensor(),
     ]
