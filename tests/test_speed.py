@@ -29,6 +29,7 @@ def test_speed_benchmark_runs_on_cpu_and_writes_json(tmp_path):
         assert arm["median_s"] > 0 and len(arm["all_s"]) == 2
     assert set(res["ratios"]) == {"m2/ceiling", "m2/byol_bn", "m2_reference/m2", "mocov2_momentum/mocov2_shuffle"}
     assert res["pipeline"]["96px_pairs_per_s_per_core"] > 0
+    assert res["pipeline"]["96px_pairs_per_s_per_core_torchvision_blur"] > 0
     assert "m2_reference/m2" in r.stdout
 
 
