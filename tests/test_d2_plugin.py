@@ -304,3 +304,30 @@ def test_embedded_coco_annotations(tmp_path):
     dicts = load_coco_json(str(ann_file), str(tmp_path / "val"))
     assert len(dicts) == 3 and all(len(r["annotations"]) == 4 for r in dicts)
     assert not list(tmp_path.glob(".*"))  # no temporary leftovers
+
+
+def test_train_net_main_trains_then_eval_only_writes_results(data, weights, tmp_path):
+    """The plugin-shaped entry point: train (2 iterations), then --eval-only on the result."""
+    import json
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    from m2_detectron2.train import main
+
+    out = tmp_path / "out"
+    common = ["DATASETS.TRAIN", f"('{data['coco_train']}',)", "DATASETS.TEST",
+              f"('{data['coco_val']}',)", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST",
+              "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)",
+              "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+              "OUTPUT_DIR", str(out)]
+    cfg_file = str(CONFIGS / "retinanet_R50_FPN_1x.yaml")
+    res = main(train_net.parse_args(["--config-file", cfg_file, "MODEL.WEIGHTS",
+                                     str(weights["resnet50"][1])] + common))
+    assert COCO_KEYS <= set(res["bbox"])
+    saved = json.load(open(out / "results.json"))
+    assert saved["results"]["bbox"]["AP"] == pytest.approx(res["bbox"]["AP"], nan_ok=True)
+    assert (out / "config.yaml").is_file() and (out / "model_final.pth").is_file()
+    res2 = main(train_net.parse_args(["--config-file", cfg_file, "--eval-only", "MODEL.WEIGHTS",
+                                      str(out / "model_final.pth")] + common))
+    assert res2["bbox"]["AP"] == pytest.approx(res["bbox"]["AP"], nan_ok=True)
