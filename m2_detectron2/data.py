@@ -96,14 +96,14 @@ def write_embedded_coco(root: str | Path, split: str, num_images: int, seed: int
                 anns.append(_annotation(len(anns) + 1, i + 1, cat, mask))
         payload = {"info": {"description": f"m2_teacher embedded shapes ({split}, seed {seed})"},
                    "images": images, "annotations": anns, "categories": _categories()}
-        with open(tmp / "instances.json", "w") as f:
+        ann_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp_json = ann_file.with_name(f".{ann_file.name}.tmp")
+        with open(tmp_json, "w") as f:
             json.dump(payload, f)
         if (root / split).exists():
             shutil.rmtree(root / split)
-        (tmp / "instances.json").replace(tmp.parent / f".instances_{split}.json")
         tmp.rename(root / split)
-        ann_file.parent.mkdir(parents=True, exist_ok=True)
-        (root / f".instances_{split}.json").replace(ann_file)
+        tmp_json.replace(ann_file)  # last: the annotation file marks a complete split
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
