@@ -191,13 +191,7 @@ def bench_pipeline(args) -> dict:
     from m2_pretrain.data.augment import TwoViewTransform
     from m2_pretrain.data.embedded import render_sample
 
-    torch.set_num_threads(1)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
+    torch.set_num_threads(1)  # (the pipeline's OpenCV blur is single-threaded by augment.py)
     out = {}
     rounds = 5
     for res in (96, 224):

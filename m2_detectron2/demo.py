@@ -81,11 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="Detectron2 config overrides, e.g. SOLVER.MAX_ITER 100")
     args = ap.parse_args(argv)
     s = run(args.output_dir, args.pretrain, args.det)
-    pre = s["pretrain"]
-    print(f"\npretrained {pre['steps']} steps in {pre['pretrain_seconds']:.0f} s")
-    print(f"{'encoder':<28} {'kNN top-1':>10}")
-    for name, r in pre["knn"].items():
-        print(f"{name:<28} {r['top1']:>10.2f}")
+    pretrain_demo.print_summary(s["pretrain"])
     print(f"\nMask R-CNN R18-FPN, embedded shapes val (COCO AP, %)")
     print(f"{'initialisation':<28} {'box AP':>7} {'box AP50':>9} {'mask AP':>8} {'mask AP50':>10} {'time':>7}")
     for name, r in s["detection"].items():

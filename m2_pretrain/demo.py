@@ -53,6 +53,15 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
     return summary
 
 
+def print_summary(s: dict) -> None:
+    """The pretraining part of a demo summary: steps, loss and the kNN table."""
+    print(f"\npretrained {s['steps']} steps in {s['pretrain_seconds']:.0f} s "
+          f"(final loss {s['final_loss']:.4f}); encoder exported to {s['encoder']}")
+    print(f"\n{'encoder':<32} {'kNN top-1':>10} {'kNN top-5':>10}")
+    for name, r in s["knn"].items():
+        print(f"{name:<32} {r['top1']:>10.2f} {r['top5']:>10.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,12 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-dir", default="demo_output")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = ap.parse_args(argv)
-    s = run(args.config, args.output_dir, args.overrides)
-    print(f"\npretrained {s['steps']} steps in {s['pretrain_seconds']:.0f} s "
-          f"(final loss {s['final_loss']:.4f}); encoder exported to {s['encoder']}")
-    print(f"\n{'encoder':<32} {'kNN top-1':>10} {'kNN top-5':>10}")
-    for name, r in s["knn"].items():
-        print(f"{name:<32} {r['top1']:>10.2f} {r['top5']:>10.2f}")
+    print_summary(run(args.config, args.output_dir, args.overrides))
     print(f"\nresults written to {Path(args.output_dir) / 'results.json'}")
 
 

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torchvision.transforms as T
+from PIL import Image
+
+# The blur runs inside DataLoader workers, one small image at a time: OpenCV's own thread
+# pool would only oversubscribe the cores the workers already use.
+cv2.setNumThreads(1)
 
 
 @dataclass
@@ -53,10 +60,6 @@ class RandomGaussianBlur:
         self.sigma = (float(sigma[0]), float(sigma[1]))
 
     def __call__(self, img):
-        import cv2
-        import numpy as np
-        from PIL import Image
-
         sigma = float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item())
         half = (self.kernel_size - 1) * 0.5
         x = np.linspace(-half, half, self.kernel_size, dtype=np.float32)
