@@ -12,8 +12,11 @@ def add_m2_config(cfg: CN) -> CN:
     """
     from . import modeling  # noqa: F401  (registers M2FCOS and the timm backbones)
 
-    # FCOS (Tian et al.) for yacs configs; the model is Detectron2's own FCOS class.
+    # FCOS (Tian et al.) for yacs configs; the model subclasses Detectron2's FCOS class.
     cfg.MODEL.FCOS = CN()
+    # "adelaidet": AdelaiDet's FCOS (per-level scales, centerness-weighted GIoU, candidates by
+    # cls > SCORE_THRESH_TEST), the paper's baseline; "detectron2": Detectron2's FCOS class.
+    cfg.MODEL.FCOS.VARIANT = "adelaidet"
     cfg.MODEL.FCOS.NUM_CLASSES = 80
     cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
     cfg.MODEL.FCOS.NUM_CONVS = 4
@@ -22,7 +25,8 @@ def add_m2_config(cfg: CN) -> CN:
     cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
     cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
     cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
-    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
+    # test candidates: cls > 0.05 (adelaidet), or sqrt(cls*ctr) > thresh (Detectron2 uses 0.2)
+    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.05
     cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
     cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 
@@ -42,4 +46,5 @@ def add_m2_config(cfg: CN) -> CN:
     cfg.M2 = CN()
     # Extra COCO-format datasets: each entry "name=path/to/annotations.json:path/to/images".
     cfg.M2.REGISTER_COCO = []
+    cfg.M2.RANDOM_INIT = False  # True allows empty MODEL.WEIGHTS / MODEL.TIMM.WEIGHTS (random init)
     return cfg

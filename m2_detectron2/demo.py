@@ -62,7 +62,8 @@ def run(output_dir: str | Path, pretrain_overrides: list[str], det_opts: list[st
     print("== 3/3 Mask R-CNN on embedded shapes: from the converted teacher, then from random "
           "initialisation", flush=True)
     det = {"M2 Teacher (converted)": finetune(str(pkl), out / "det_pretrained", det_opts),
-           "random initialisation": finetune("", out / "det_random", det_opts)}
+           "random initialisation": finetune("", out / "det_random",
+                                             det_opts + ["M2.RANDOM_INIT", "True"])}
     summary = {"pretrain": pre, "convert": {**conv, "verify_max_abs_diff": max_diff},
                "detection_config": str(DET_CONFIG), "detection_opts": det_opts,
                "detection": det, "total_seconds": round(time.time() - t0, 1)}

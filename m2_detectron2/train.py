@@ -16,17 +16,12 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from m2_pretrain.export import meta_path
-
+from .checks import SetupError, check_config
 from .config import add_m2_config
 from .data import register_coco_spec, register_embedded
 from .evaluation import build_evaluator
 
 logger = logging.getLogger("m2_detectron2")
-
-
-class SetupError(ValueError):
-    """A configuration that cannot run; the message says what to change."""
 
 
 class Trainer(DefaultTrainer):
@@ -37,21 +32,10 @@ class Trainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
 
-def _check_weights(cfg) -> None:
-    w = cfg.MODEL.WEIGHTS
-    if not w or "://" in w:
-        return
-    if not Path(w).is_file():
-        raise SetupError(f"MODEL.WEIGHTS={w} does not exist")
-    if meta_path(w).is_file():
-        raise SetupError(
-            f"MODEL.WEIGHTS={w} looks like an exported encoder (timm names, with a .json "
-            "sidecar): convert it with `python tools/convert_to_d2.py` for the ResNet configs, "
-            "or pass it as MODEL.TIMM.WEIGHTS with a timm-backbone config")
-
-
-def build_config(config_file: str, opts: list[str], register_coco: list[str] = ()):
-    """Load a yacs config with the plugin's keys, register datasets, adapt to CPU."""
+def build_config(config_file: str, opts: list[str], register_coco: list[str] = (),
+                 resume: bool = False):
+    """Load a yacs config with the plugin's keys, register datasets, adapt to CPU, and run
+    :func:`m2_detectron2.checks.check_config` (weights, class counts)."""
     cfg = get_cfg()
     add_m2_config(cfg)
     if not Path(config_file).is_file():
@@ -71,12 +55,13 @@ def build_config(config_file: str, opts: list[str], register_coco: list[str] = (
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("CUDA is not available: running on CPU (SyncBN acts as BN on one process)")
         cfg.MODEL.DEVICE = "cpu"
-    _check_weights(cfg)
+    check_config(cfg, resume=resume)
     return cfg
 
 
 def setup(args):
-    cfg = build_config(args.config_file, args.opts, getattr(args, "register_coco", []) or [])
+    cfg = build_config(args.config_file, args.opts, getattr(args, "register_coco", []) or [],
+                       resume=getattr(args, "resume", False))
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -1,21 +1,52 @@
-"""FCOS for yacs configs.
+"""FCOS for yacs configs, in two variants.
 
-Detectron2 ships FCOS only as a LazyConfig model. ``M2FCOS`` is Detectron2's own ``FCOS``
-class (unchanged training and inference code) with a ``from_config`` that reads
-``cfg.MODEL.FCOS``; it is registered as ``META_ARCHITECTURE: "M2FCOS"``. The matching
-backbone ``build_fcos_resnet_fpn_backbone`` computes P6/P7 from P5 (as the LazyConfig does),
-not from C5 as RetinaNet's does.
+Detectron2 ships FCOS only as a LazyConfig model. ``M2FCOS`` subclasses Detectron2's ``FCOS``
+(its anchor-point matching with centre sampling, focal loss and box decoding are reused) with a
+``from_config`` that reads ``cfg.MODEL.FCOS``; it is registered as
+``META_ARCHITECTURE: "M2FCOS"``. ``MODEL.FCOS.VARIANT`` picks the head, loss and inference:
+
+``"adelaidet"`` (the shipped configs): FCOS as AdelaiDet's ``FCOS_R_50_1x`` trains it, the
+    supervised baseline of the paper's Table 10 (38.7 AP):
+
+    - a learnable scalar per FPN level multiplies the regression output (initialised to 1);
+    - the GIoU loss of each positive location is weighted by its centerness target and the sum
+      is divided by the sum of centerness targets (averaged over workers); classification and
+      centerness losses are divided by this iteration's number of positives (averaged over
+      workers), not by a moving average;
+    - at test time a location/class is a candidate when its classification probability exceeds
+      ``SCORE_THRESH_TEST`` (0.05); candidates are ranked (top ``TOPK_CANDIDATES_TEST`` per
+      level) and reported by sqrt(cls x centerness).
+
+``"detectron2"``: Detectron2's own ``FCOS`` class unchanged: no scales, plain GIoU summed over
+    positives, all losses divided by a moving average of the number of positives, candidates
+    kept when sqrt(cls x centerness) exceeds ``SCORE_THRESH_TEST`` (Detectron2 uses 0.2).
+
+Both variants guard Detectron2 v0.6's crash on a training image without instances (fixed
+upstream after v0.6): such an image labels every location as background.
+
+The matching backbone ``build_fcos_resnet_fpn_backbone`` computes P6/P7 from P5 (as AdelaiDet
+and Detectron2's LazyConfig do), not from C5 as RetinaNet's does.
 """
 
 from __future__ import annotations
 
+from typing import List
+
+import torch
+import torch.distributed as dist
 from detectron2.config import configurable
-from torch import nn
-from detectron2.layers import ShapeSpec
+from detectron2.layers import ShapeSpec, batched_nms
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import get_event_storage
+from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+FCOS_VARIANTS = ("adelaidet", "detectron2")
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -28,18 +59,63 @@ def _head_norm(norm: str):
     return _group_norm if norm == "GN" else norm
 
 
+def _mean_over_workers(value: Tensor) -> float:
+    """``value`` averaged over the distributed workers (itself on one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone().float()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def centerness(ltrb: Tensor) -> Tensor:
+    """FCOS centerness of (left, top, right, bottom) distances, shape (P, 4) -> (P,).
+
+    sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)); 1 at a box centre, 0 on its border.
+    """
+    lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
+    ratio = (lr.min(dim=1).values / lr.max(dim=1).values) * (
+        tb.min(dim=1).values / tb.max(dim=1).values)
+    return ratio.clamp(min=0).sqrt()
+
+
+class M2FCOSHead(FCOSHead):
+    """Detectron2's FCOS head, optionally with one learnable scale per level on the regression
+    output (AdelaiDet's ``USE_SCALE``; Detectron2 drops it since its targets are divided by
+    the stride)."""
+
+    def __init__(self, *, input_shape: List[ShapeSpec], conv_dims: List[int],
+                 use_scale: bool = False, **kwargs):
+        super().__init__(input_shape=input_shape, conv_dims=conv_dims, **kwargs)
+        # one scalar per level (a parameter, so it is trained and checkpointed)
+        self.scales = nn.Parameter(torch.ones(len(input_shape))) if use_scale else None
+
+    def forward(self, features):
+        logits, bbox_reg, ctrness = super().forward(features)
+        if self.scales is not None:
+            bbox_reg = [reg * self.scales[i] for i, reg in enumerate(bbox_reg)]
+        return logits, bbox_reg, ctrness
+
+
 @META_ARCH_REGISTRY.register()
 class M2FCOS(FCOS):
-    """Detectron2's FCOS built from ``cfg.MODEL.FCOS`` (GN head, centerness, P3–P7)."""
+    """FCOS built from ``cfg.MODEL.FCOS``: GN head, centerness, P3–P7; ``variant`` selects
+    AdelaiDet's or Detectron2's loss and inference (see the module docstring)."""
 
     @configurable
-    def __init__(self, **kwargs):
+    def __init__(self, *, variant: str = "detectron2", **kwargs):
+        if variant not in FCOS_VARIANTS:
+            raise ValueError(f"MODEL.FCOS.VARIANT must be one of {FCOS_VARIANTS}, got {variant!r}")
         super().__init__(**kwargs)
+        self.variant = variant
 
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
         f = cfg.MODEL.FCOS
+        if f.VARIANT not in FCOS_VARIANTS:
+            raise ValueError(f"MODEL.FCOS.VARIANT must be one of {FCOS_VARIANTS}, "
+                             f"got {f.VARIANT!r}")
         shapes = backbone.output_shape()
         missing = [k for k in f.IN_FEATURES if k not in shapes]
         if missing:
@@ -47,14 +123,16 @@ class M2FCOS(FCOS):
                              f"(it outputs {sorted(shapes)})")
         feature_shapes = [shapes[k] for k in f.IN_FEATURES]
         channels = feature_shapes[0].channels
-        head = FCOSHead(
+        head = M2FCOSHead(
             input_shape=feature_shapes,
             conv_dims=[channels] * f.NUM_CONVS,
             num_classes=f.NUM_CLASSES,
             norm=_head_norm(f.HEAD_NORM),
             prior_prob=f.PRIOR_PROB,
+            use_scale=f.VARIANT == "adelaidet",
         )
         return {
+            "variant": f.VARIANT,
             "backbone": backbone,
             "head": head,
             "head_in_features": list(f.IN_FEATURES),
@@ -69,6 +147,109 @@ class M2FCOS(FCOS):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
+
+    # ---- matching: Detectron2's rule, plus images without instances (v0.6 crashes on them)
+
+    @torch.no_grad()
+    def match_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
+        num_anchors = sum(len(a) for a in anchors)
+        matched = [None] * len(gt_instances)
+        nonempty = [i for i, g in enumerate(gt_instances) if len(g) > 0]
+        if nonempty:
+            for i, m in zip(nonempty, super().match_anchors(
+                    anchors, [gt_instances[i] for i in nonempty])):
+                matched[i] = m
+        device = anchors[0].tensor.device
+        return [m if m is not None else torch.full((num_anchors,), -1, dtype=torch.long,
+                                                    device=device) for m in matched]
+
+    @torch.no_grad()
+    def label_anchors(self, anchors, gt_instances):
+        matched_indices = self.match_anchors(anchors, gt_instances)
+        anchor_boxes = Boxes.cat(anchors).tensor
+        labels, boxes = [], []
+        for gt_index, gt in zip(matched_indices, gt_instances):
+            if len(gt) == 0:  # all background; the boxes are never read for background
+                labels.append(torch.full_like(gt_index, self.num_classes))
+                boxes.append(Boxes(anchor_boxes.clone()))
+                continue
+            label = gt.gt_classes[gt_index.clip(min=0)]
+            label[gt_index < 0] = self.num_classes
+            labels.append(label)
+            boxes.append(gt.gt_boxes[gt_index.clip(min=0)])
+        return labels, boxes
+
+    # ---- losses
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes,
+               pred_centerness):
+        if self.variant == "detectron2":
+            return super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes,
+                                  pred_centerness)
+        num_images = len(gt_labels)
+        gt_labels = torch.stack(gt_labels)  # (N, R)
+        pos = (gt_labels >= 0) & (gt_labels != self.num_classes)
+        num_pos = pos.sum()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos.item() / num_images)
+        normalizer = max(_mean_over_workers(num_pos), 1.0)
+
+        logits = torch.cat(pred_logits, dim=1)
+        target = F.one_hot(gt_labels, self.num_classes + 1)[..., :-1].to(logits.dtype)
+        loss_cls = sigmoid_focal_loss_jit(logits, target, alpha=self.focal_loss_alpha,
+                                          gamma=self.focal_loss_gamma, reduction="sum")
+
+        anchor_boxes = Boxes.cat(anchors).tensor  # (R, 4)
+        pos_anchors = anchor_boxes.unsqueeze(0).expand(num_images, -1, -1)[pos]
+        pos_gt = torch.stack([b.tensor for b in gt_boxes])[pos]
+        pred_boxes = self.box2box_transform.apply_deltas(
+            torch.cat(pred_anchor_deltas, dim=1)[pos], pos_anchors)
+        ctr_target = centerness(self.box2box_transform.get_deltas(pos_anchors, pos_gt))
+        ctr_normalizer = max(_mean_over_workers(ctr_target.sum()), 1e-6)
+        loss_loc = (giou_loss(pred_boxes, pos_gt, reduction="none") * ctr_target).sum()
+
+        ctr_pred = torch.cat(pred_centerness, dim=1).squeeze(2)[pos]
+        loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred, ctr_target, reduction="sum")
+        return {
+            "loss_fcos_cls": loss_cls / normalizer,
+            "loss_fcos_loc": loss_loc / ctr_normalizer,
+            "loss_fcos_ctr": loss_ctr / normalizer,
+        }
+
+    # ---- inference
+
+    def forward_inference(self, images, features: List[Tensor], predictions: List[List[Tensor]]):
+        if self.variant == "detectron2":
+            return super().forward_inference(images, features, predictions)
+        pred_logits, pred_deltas, pred_ctr = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4, 1])
+        anchors = self.anchor_generator(features)
+        results: List[Instances] = []
+        for i, image_size in enumerate(images.image_sizes):
+            per_level = [
+                self._candidates(a, logits[i], deltas[i], ctr[i], image_size)
+                for a, logits, deltas, ctr in zip(anchors, pred_logits, pred_deltas, pred_ctr)
+            ]
+            pred = Instances.cat(per_level)
+            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes,
+                               self.test_nms_thresh)
+            results.append(pred[keep[: self.max_detections_per_image]])
+        return results
+
+    def _candidates(self, anchors: Boxes, logits: Tensor, deltas: Tensor, ctr: Tensor,
+                    image_size) -> Instances:
+        """One level of one image, AdelaiDet's rule: keep (location, class) pairs whose
+        classification probability exceeds the threshold, rank them by cls x centerness,
+        keep the top ``test_topk_candidates`` and report sqrt(cls x centerness)."""
+        cls = logits.sigmoid()  # (HW, K)
+        keep = cls > self.test_score_thresh
+        score = (cls * ctr.sigmoid())[keep]
+        idx = keep.nonzero()
+        score, order = score.sort(descending=True)
+        order = order[: self.test_topk_candidates]
+        loc, cls_idx = idx[order].unbind(dim=1)
+        boxes = self.box2box_transform.apply_deltas(deltas[loc], anchors.tensor[loc])
+        return Instances(image_size, pred_boxes=Boxes(boxes),
+                         scores=score[: self.test_topk_candidates].sqrt(), pred_classes=cls_idx)
 
 
 @BACKBONE_REGISTRY.register()
