@@ -106,6 +106,7 @@ def _positive_head(model):
             model.head.scales.copy_(torch.tensor([1.3, 0.7, 1.0, 1.1, 0.9]))
 
 
+@torch.no_grad()
 def _reference_losses(model, batch):
     """FCOS losses recomputed from the head outputs with torchvision's GIoU and focal loss,
     plain centerness and explicit AdelaiDet normalisation (matching from the model)."""
@@ -132,17 +133,25 @@ def _reference_losses(model, batch):
     d = deltas[pos].clamp(min=0) * s[:, None]
     pred = torch.stack([c[:, 0] - d[:, 0], c[:, 1] - d[:, 1], c[:, 0] + d[:, 2],
                         c[:, 1] + d[:, 3]], dim=1)
-    giou = torch.diagonal(torchvision.ops.generalized_box_iou(pred, gt))
+    # AdelaiDet's GIoU: IoU smoothed with +1 on areas measured in stride^2, from pixel boxes
+    inter_wh = (torch.minimum(pred[:, 2:], gt[:, 2:]) - torch.maximum(pred[:, :2], gt[:, :2]))
+    inter = inter_wh.clamp(min=0).prod(dim=1)
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    union = area(pred) + area(gt) - inter
+    hull = (torch.maximum(pred[:, 2:], gt[:, 2:]) - torch.minimum(pred[:, :2], gt[:, :2]))
+    hull = hull.prod(dim=1)
+    giou = (inter / s**2 + 1) / (union / s**2 + 1) - (hull - union) / hull
+    plain_giou = torch.diagonal(torchvision.ops.generalized_box_iou(pred, gt))
     left, top = c[:, 0] - gt[:, 0], c[:, 1] - gt[:, 1]
     right, bottom = gt[:, 2] - c[:, 0], gt[:, 3] - c[:, 1]
     ctr_t = torch.sqrt(torch.minimum(left, right) / torch.maximum(left, right)
                        * torch.minimum(top, bottom) / torch.maximum(top, bottom))
     ctr_loss = F.binary_cross_entropy_with_logits(ctr[pos], ctr_t, reduction="sum")
     return {"num_pos": num_pos, "cls_sum": cls, "giou_terms": 1 - giou, "ctr_t": ctr_t,
-            "ctr_sum": ctr_loss}
+            "ctr_sum": ctr_loss, "plain_giou_terms": 1 - plain_giou}
 
 
-def test_adelaidet_loss_is_centerness_weighted_giou_normalised_per_iteration():
+def test_adelaidet_loss_is_centerness_weighted_smoothed_giou_normalised_per_iteration():
     torch.manual_seed(0)
     model = _fcos("adelaidet")
     _positive_head(model)
@@ -157,8 +166,10 @@ def test_adelaidet_loss_is_centerness_weighted_giou_normalised_per_iteration():
     torch.testing.assert_close(losses["loss_fcos_loc"], weighted)
     torch.testing.assert_close(losses["loss_fcos_cls"], ref["cls_sum"] / n)
     torch.testing.assert_close(losses["loss_fcos_ctr"], ref["ctr_sum"] / n)
-    # the weighting matters here (the test could not pass with a plain mean of GIoU terms)
+    # the weighting and the smoothing matter here (the test could not pass without either)
     assert abs(float(weighted) - float(ref["giou_terms"].mean())) > 1e-3
+    plain = (ref["ctr_t"] * ref["plain_giou_terms"]).sum() / ref["ctr_t"].sum()
+    assert abs(float(weighted) - float(plain)) > 1e-3
 
     # Detectron2's variant on the same weights: plain GIoU sum, moving-average normaliser
     d2 = _fcos("detectron2")
@@ -168,7 +179,7 @@ def test_adelaidet_loss_is_centerness_weighted_giou_normalised_per_iteration():
         la, ld = model(batch), d2(batch)
     ref = _reference_losses(d2, batch)
     ema = 0.9 * 300 + 0.1 * ref["num_pos"]  # Detectron2's normaliser after one iteration
-    torch.testing.assert_close(ld["loss_fcos_loc"], ref["giou_terms"].sum() / ema)
+    torch.testing.assert_close(ld["loss_fcos_loc"], ref["plain_giou_terms"].sum() / ema)
     torch.testing.assert_close(la["loss_fcos_loc"],
                                (ref["ctr_t"] * ref["giou_terms"]).sum() / ref["ctr_t"].sum())
 
@@ -240,7 +251,7 @@ def test_fcos_trains_a_step_with_an_image_without_instances(variant):
         assert all(torch.isfinite(p).all() for p in model.parameters())
         only_empty = model([_sample([], [])])
     assert only_empty["loss_fcos_loc"] == 0 and only_empty["loss_fcos_ctr"] == 0
-    assert 0 < float(only_empty["loss_fcos_cls"]) < math.inf
+    assert 0 < float(only_empty["loss_fcos_cls"].detach()) < math.inf
     # the empty image labels every location as background
     feats = [torch.zeros(1, 16, s, s) for s in (16, 8, 4, 2, 1)]
     anchors = model.anchor_generator(feats)

@@ -88,6 +88,7 @@ def _small(data, weights, config, out_dir):
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)",
         "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "100",
         "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out_dir),
+        "TEST.PRECISE_BN.NUM_ITER", "2",  # the configs recompute BN statistics (200 batches)
         # low thresholds so that the untrained models emit detections for the evaluator
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
         "MODEL.FCOS.SCORE_THRESH_TEST", "0.0",
@@ -108,6 +109,10 @@ def test_config_trains_and_evaluates(config, data, weights, tmp_path):
     trainer.resume_or_load(resume=False)
     trainer.train()
     assert trainer.iter == cfg.SOLVER.MAX_ITER == 2
+    from detectron2.engine.hooks import PreciseBN
+
+    assert cfg.TEST.PRECISE_BN.ENABLED == ("demo" not in config)  # SyncBN paper configs
+    assert any(isinstance(h, PreciseBN) for h in trainer._hooks) == cfg.TEST.PRECISE_BN.ENABLED
     assert math.isfinite(trainer.storage.history("total_loss").latest())
     results = trainer._last_eval_results
     tasks = {"bbox", "segm"} if cfg.MODEL.MASK_ON else {"bbox"}
@@ -202,6 +207,10 @@ def test_fcos_head_uses_group_norm(data, weights, tmp_path):
     assert len(gns) == 4 and all(g.num_groups == 32 for g in gns)
     assert model.head_in_features == ["p3", "p4", "p5", "p6", "p7"]
     assert type(model).__name__ == "M2FCOS" and cfg.INPUT.FORMAT == "RGB"
+    # the paper's baseline is AdelaiDet's FCOS: learnable per-level scales, cls > 0.05
+    assert model.variant == "adelaidet" and tuple(model.head.scales.shape) == (5,)
+    assert build_config(str(CONFIGS / "fcos_R50_FPN_1x.yaml"), ["M2.RANDOM_INIT", "True"]
+                        ).INPUT.MIN_SIZE_TRAIN == (800,)
 
 
 def test_lvis_numpy_shim(data, monkeypatch):
@@ -320,6 +329,7 @@ def test_train_net_main_trains_then_eval_only_writes_results(data, weights, tmp_
               f"('{data['coco_val']}',)", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST",
               "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)",
               "DATALOADER.NUM_WORKERS", "0", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+              "TEST.PRECISE_BN.NUM_ITER", "2",
               "OUTPUT_DIR", str(out)]
     cfg_file = str(CONFIGS / "retinanet_R50_FPN_1x.yaml")
     res = main(train_net.parse_args(["--config-file", cfg_file, "MODEL.WEIGHTS",

@@ -9,8 +9,9 @@ Detectron2 ships FCOS only as a LazyConfig model. ``M2FCOS`` subclasses Detectro
     supervised baseline of the paper's Table 10 (38.7 AP):
 
     - a learnable scalar per FPN level multiplies the regression output (initialised to 1);
-    - the GIoU loss of each positive location is weighted by its centerness target and the sum
-      is divided by the sum of centerness targets (averaged over workers); classification and
+    - the GIoU loss of each positive location (IoU smoothed as (inter + 1) / (union + 1), areas
+      in stride units, as AdelaiDet computes it) is weighted by its centerness target and the
+      sum is divided by the sum of centerness targets (averaged over workers); classification and
       centerness losses are divided by this iteration's number of positives (averaged over
       workers), not by a moving average;
     - at test time a location/class is a candidate when its classification probability exceeds
@@ -42,7 +43,7 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
+from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -77,6 +78,20 @@ def centerness(ltrb: Tensor) -> Tensor:
     ratio = (lr.min(dim=1).values / lr.max(dim=1).values) * (
         tb.min(dim=1).values / tb.max(dim=1).values)
     return ratio.clamp(min=0).sqrt()
+
+
+def ltrb_giou_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """1 - GIoU of boxes given as (left, top, right, bottom) distances from the same point, in
+    stride units, shape (P, 4) -> (P,). As in AdelaiDet's FCOS, the IoU term is smoothed:
+    (intersection + 1) / (union + 1), with areas in stride^2."""
+    pred_area = (pred[:, 0] + pred[:, 2]) * (pred[:, 1] + pred[:, 3])
+    target_area = (target[:, 0] + target[:, 2]) * (target[:, 1] + target[:, 3])
+    lo, hi = torch.minimum(pred, target), torch.maximum(pred, target)
+    inter = (lo[:, 0] + lo[:, 2]) * (lo[:, 1] + lo[:, 3])
+    enclosing = (hi[:, 0] + hi[:, 2]) * (hi[:, 1] + hi[:, 3])
+    union = pred_area + target_area - inter
+    iou = (inter + 1.0) / (union + 1.0)
+    return 1.0 - (iou - (enclosing - union) / enclosing)
 
 
 class M2FCOSHead(FCOSHead):
@@ -201,11 +216,13 @@ class M2FCOS(FCOS):
         anchor_boxes = Boxes.cat(anchors).tensor  # (R, 4)
         pos_anchors = anchor_boxes.unsqueeze(0).expand(num_images, -1, -1)[pos]
         pos_gt = torch.stack([b.tensor for b in gt_boxes])[pos]
-        pred_boxes = self.box2box_transform.apply_deltas(
-            torch.cat(pred_anchor_deltas, dim=1)[pos], pos_anchors)
-        ctr_target = centerness(self.box2box_transform.get_deltas(pos_anchors, pos_gt))
+        # distances to the four box sides in stride units (the linear transform divides by the
+        # anchor size, which is the stride); predictions are clamped at 0 as decoding does
+        target_ltrb = self.box2box_transform.get_deltas(pos_anchors, pos_gt)
+        pred_ltrb = F.relu(torch.cat(pred_anchor_deltas, dim=1)[pos])
+        ctr_target = centerness(target_ltrb)
         ctr_normalizer = max(_mean_over_workers(ctr_target.sum()), 1e-6)
-        loss_loc = (giou_loss(pred_boxes, pos_gt, reduction="none") * ctr_target).sum()
+        loss_loc = (ltrb_giou_loss(pred_ltrb, target_ltrb) * ctr_target).sum()
 
         ctr_pred = torch.cat(pred_centerness, dim=1).squeeze(2)[pos]
         loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred, ctr_target, reduction="sum")
