@@ -18,6 +18,7 @@ import torch
 
 from .config import load_config
 from .engine.checkpoint import list_checkpoints
+from .engine.run_dir import RunDirError
 from .engine.trainer import Trainer
 from .eval.knn import knn_eval_encoder
 from .export import export_encoder, load_exported_encoder
@@ -69,7 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-dir", default="demo_output")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = ap.parse_args(argv)
-    print_summary(run(args.config, args.output_dir, args.overrides))
+    try:
+        summary = run(args.config, args.output_dir, args.overrides)
+    except RunDirError as e:
+        raise SystemExit(f"error: {e} (for the demo: pass another --output-dir or remove "
+                         f"{args.output_dir})") from None
+    print_summary(summary)
     print(f"\nresults written to {Path(args.output_dir) / 'results.json'}")
 
 
