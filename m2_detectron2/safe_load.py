@@ -18,7 +18,6 @@ reads the files in either environment.
 from __future__ import annotations
 
 import contextlib
-import copyreg
 import importlib
 import io
 import pickle
@@ -130,22 +129,23 @@ def load_pickle(path: str | Path) -> Any:
         return load_pickle_file(f, str(path))
 
 
-def _reduce_ndarray(a: np.ndarray):
-    """``numpy.ndarray(shape, dtype, buffer)``: no numpy-private module in the pickle."""
-    if a.dtype.hasobject:
-        raise TypeError("object arrays cannot be written as plain weights")
-    a = np.ascontiguousarray(a)
-    return np.ndarray, (a.shape, a.dtype.str, bytearray(a.tobytes()))
+class _PortablePickler(pickle.Pickler):
+    """Writes numpy arrays (and numpy scalars, as 0-d arrays) as
+    ``numpy.ndarray(shape, dtype_string, bytearray)``: no numpy-private module in the file."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (np.ndarray, np.generic)):
+            a = np.asarray(obj)  # tobytes() below is C order whatever the strides
+            if a.dtype.hasobject:
+                raise TypeError("object arrays cannot be written as plain weights")
+            return np.ndarray, (a.shape, a.dtype.str, bytearray(a.tobytes()))
+        return NotImplemented
 
 
 def dump_pickle(obj: Any, f: BinaryIO) -> None:
     """Pickle ``obj`` (containers of numpy arrays, strings, numbers) so that numpy 1 and numpy 2
     read it with a plain ``pickle.load`` as well as with :func:`load_pickle`."""
-    pickler = pickle.Pickler(f, protocol=4)
-    table = copyreg.dispatch_table.copy()
-    table[np.ndarray] = _reduce_ndarray
-    pickler.dispatch_table = table
-    pickler.dump(obj)
+    _PortablePickler(f, protocol=4).dump(obj)
 
 
 def dumps_pickle(obj: Any) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +41,9 @@ def load_encoder(weights: str | Path, arch: Optional[str] = None) -> tuple[nn.Mo
     if not path.is_file():
         raise EvalInputError(f"weights file not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the protocol of plain pickles
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001
         what = describe_file(path)
         raise EvalInputError(
