@@ -34,7 +34,7 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
     result = trainer.fit()
     t_train = time.time() - t0
     ckpt = list_checkpoints(out / "pretrain")[-1]
-    export_encoder(ckpt, out / "encoder.pth")
+    export_encoder(ckpt, out / "encoder.pth", overwrite=True)  # from the fresh run above
     sd, meta = load_exported_encoder(out / "encoder.pth")
     encoder = timm.create_model(meta["arch"], num_classes=0, pretrained=False)
     encoder.load_state_dict(sd, strict=True)

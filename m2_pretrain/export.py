@@ -58,7 +58,7 @@ def check_output_file(src: str | Path, out: str | Path, overwrite: bool = False)
     """
     src, out = Path(src), Path(out)
     if out.is_dir():
-        raise CheckpointError(f"--out {out} is a directory; name a file, e.g. {out / 'encoder.pth'}")
+        raise CheckpointError(f"--out {out} is a directory; name a file in it instead")
     if not out.exists():
         return
     if src.exists() and out.samefile(src):

@@ -148,7 +148,8 @@ def test_converted_pickle_loads_under_both_numpy_layouts(tmp_path, monkeypatch):
     # only module paths that numpy 1 and numpy 2 both have
     assert _globals_of(data) <= {("numpy", "ndarray"), ("builtins", "bytearray")}
     want = pickle.loads(data)["model"]
-    assert want["stem.conv1.weight"].shape == (64, 3, 7, 7) and want["stem.conv1.weight"].flags.writeable
+    stem = want["stem.conv1.weight"]
+    assert stem.shape == (64, 3, 7, 7) and stem.flags.writeable
     with monkeypatch.context() as m:  # numpy 1 (no numpy._core): Detectron2's plain unpickler
         _hide(m, "numpy._core")
         got = pickle.load(io.BytesIO(data), encoding="latin1")["model"]
@@ -187,8 +188,9 @@ def test_converter_names_its_input(tmp_path, monkeypatch, capsys):
     assert "not a loadable PyTorch checkpoint" in str(e.value)
     assert "weights_only` set to `False`" not in str(e.value)
     pkl = tmp_path / "already.pkl"
-    pkl.write_bytes(dumps_pickle({"model": {"stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)},
-                                  "__author__": "m2", "matching_heuristics": True}))
+    weights = {"stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}
+    pkl.write_bytes(dumps_pickle({"model": weights, "__author__": "m2",
+                                  "matching_heuristics": True}))
     with pytest.raises(CheckpointError, match="already a Detectron2 weights file"):
         convert_file(pkl, tmp_path / "o.pkl")
     sys.path.insert(0, str(REPO / "tools"))

@@ -71,7 +71,8 @@ def test_second_process_is_locked_out_until_the_first_dies(tmp_path):
         print("locked", flush=True)
         time.sleep(120)
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                             env=env)
     try:
@@ -99,11 +100,12 @@ def test_resume_refuses_config_changes_outside_the_allowlist(tmp_path, caplog):
     del t
     saved_yaml = (run / "config.yaml").read_text()
     for changed in ({"train": {"batch_size": 4}}, {"optim": {"base_lr": 0.5}}):
-        with pytest.raises(ResumeConfigError, match="differs from the checkpoint's.*--resume-allow"):
+        with pytest.raises(ResumeConfigError, match="differs from the checkpoint.*--resume-allow"):
             Trainer(tiny_config(**changed), run, resume=True, progress=False)
     assert (run / "config.yaml").read_text() == saved_yaml
     # the architecture can never change, not even with the override
-    with pytest.raises(ResumeConfigError, match="model config differs.*model.arch: 'resnet18' -> 'resnet10t'"):
+    with pytest.raises(ResumeConfigError,
+                       match="model config differs.*model.arch: 'resnet18' -> 'resnet10t'"):
         Trainer(tiny_config(model={"arch": "resnet10t"}), run, resume=True, progress=False,
                 allow_config_changes=True)
     # documented changeable keys pass (and are logged)

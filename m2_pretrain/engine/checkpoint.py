@@ -107,8 +107,9 @@ def safe_load(path: str | Path) -> Any:
             raise CheckpointError(
                 f"{path} is already a Detectron2 weights file (.pkl), not a PyTorch checkpoint: "
                 "pass it to Detectron2 as MODEL.WEIGHTS") from None
+        reason = _refusal_reason(e)
         raise CheckpointError(f"{path} is not a loadable PyTorch checkpoint ({what}; "
-                              f"torch.load(weights_only=True) says: {_refusal_reason(e)})") from None
+                              f"torch.load(weights_only=True) says: {reason})") from None
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -165,7 +166,8 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         size = p.stat().st_size
         p.unlink(missing_ok=True)
         removed.append(p)
-        logger.warning("removed %s (%.1f MB) left by an interrupted checkpoint save", p, size / 2**20)
+        logger.warning("removed %s (%.1f MB) left by an interrupted checkpoint save", p,
+                       size / 2**20)
     return removed
 
 

@@ -146,7 +146,8 @@ def claim_output_dir(folder: str | Path, resume: bool, is_main: bool = True) -> 
         if not resume:
             found = list_checkpoints(folder)
             if found or (folder / "config.yaml").exists():
-                held = f"{len(found)} checkpoint(s), newest {found[-1].name}" if found else "config.yaml"
+                held = (f"{len(found)} checkpoint(s), newest {found[-1].name}" if found
+                        else "config.yaml")
                 raise RunDirError(
                     f"{folder} already holds a run ({held}); continue it with --resume, or "
                     "choose a new --output-dir (nothing was changed)")
