@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -67,7 +68,9 @@ def run_arm(args, arm: str, batch: int, seed: int) -> dict:
         enc = timm.create_model(args.arch, num_classes=0, pretrained=False)
         loss = None
     else:
-        trainer = Trainer(cfg, Path(args.work) / f"{arm}_b{batch}_s{seed}", progress=args.progress)
+        run_dir = Path(args.work) / f"{arm}_b{batch}_s{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own scratch: train afresh
+        trainer = Trainer(cfg, run_dir, progress=args.progress)
         result = trainer.fit()
         enc = trainer.model.teacher.encoder  # what `m2-pretrain export` writes (eval-mode BN)
         loss = result["history"][-1]["loss"]

@@ -8,7 +8,6 @@ supervised model is dropped; anything else unmapped is an error listing the keys
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,8 @@ import torch
 
 from m2_pretrain.engine.checkpoint import safe_load
 from m2_pretrain.export import encoder_state_from_checkpoint, is_training_checkpoint
+
+from .safe_load import dump_pickle, load_pickle
 
 AUTHOR = "m2_teacher toolkit (converted from a timm/torchvision ResNet)"
 
@@ -109,14 +110,18 @@ def resnet_depth(d2_weights: dict[str, np.ndarray]) -> int:
 
 
 def write_d2_pickle(d2_weights: dict[str, np.ndarray], out: str | Path) -> None:
+    """Write Detectron2's ``{"model", "__author__", "matching_heuristics"}`` pickle in a form
+    that numpy 1 and numpy 2 both read (see :func:`m2_detectron2.safe_load.dump_pickle`)."""
     payload = {"model": d2_weights, "__author__": AUTHOR, "matching_heuristics": True}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:
-        pickle.dump(payload, f)
+        dump_pickle(payload, f)
 
 
 def convert_file(src: str | Path, out: str | Path, which: Optional[str] = None) -> dict:
     """Convert ``src`` to a Detectron2 ``.pkl`` at ``out``. Returns a summary dict."""
+    if Path(out).exists() and Path(src).exists() and Path(out).samefile(src):
+        raise ConversionError(f"output {out} is the input file itself; choose another name")
     sd = load_encoder_state(src, which)
     d2, dropped = convert_state_dict(sd)
     depth = resnet_depth(d2)
@@ -137,8 +142,7 @@ def verify(src: str | Path, d2_pkl: str | Path, which: Optional[str] = None, res
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
     sd = load_encoder_state(src, which)
-    with open(d2_pkl, "rb") as f:
-        d2 = pickle.load(f)["model"]
+    d2 = load_pickle(d2_pkl)["model"]
     depth = resnet_depth(d2)
     cfg = get_cfg()
     cfg.MODEL.RESNETS.DEPTH = depth

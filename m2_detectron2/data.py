@@ -166,6 +166,11 @@ def register_coco_spec(spec: str) -> str:
     if not Path(image_root).is_dir():
         raise DatasetSpecError(f"dataset {name!r}: image directory {image_root} does not exist")
     if name in DatasetCatalog.list():
+        from detectron2.data import MetadataCatalog
+
+        meta = MetadataCatalog.get(name)
+        if (meta.get("json_file") == json_file and meta.get("image_root") == image_root):
+            return name  # the same spec again (validated in the parent, then set up in main)
         raise DatasetSpecError(f"dataset {name!r} is already registered; pick another name")
     register_coco_instances(name, {}, json_file, image_root)
     return name

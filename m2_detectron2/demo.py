@@ -24,6 +24,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from m2_pretrain import demo as pretrain_demo
+from m2_pretrain.engine.run_dir import RunDirError
 
 from .convert import convert_file, verify
 from .train import Trainer, build_config
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--det", nargs="*", default=[], metavar="KEY VALUE",
                     help="Detectron2 config overrides, e.g. SOLVER.MAX_ITER 100")
     args = ap.parse_args(argv)
-    s = run(args.output_dir, args.pretrain, args.det)
+    try:
+        s = run(args.output_dir, args.pretrain, args.det)
+    except RunDirError as e:
+        raise SystemExit(f"error: {e} (for the demo: pass another --output-dir or remove "
+                         f"{args.output_dir})") from None
     pretrain_demo.print_summary(s["pretrain"])
     print(f"\nMask R-CNN R18-FPN, embedded shapes val (COCO AP, %)")
     print(f"{'initialisation':<28} {'box AP':>7} {'box AP50':>9} {'mask AP':>8} {'mask AP50':>10} {'time':>7}")

@@ -18,8 +18,9 @@ from detectron2.utils import comm
 
 from .checks import SetupError, check_config
 from .config import add_m2_config
-from .data import register_coco_spec, register_embedded
+from .data import DatasetSpecError, register_coco_spec, register_embedded
 from .evaluation import build_evaluator
+from .safe_load import UnsafePickleError, load_pickle, restricted_pickle_loading
 
 logger = logging.getLogger("m2_detectron2")
 
@@ -30,6 +31,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    def resume_or_load(self, resume: bool = True):
+        """Detectron2's, with ``.pkl`` weights read by the restricted unpickler."""
+        with restricted_pickle_loading():
+            return super().resume_or_load(resume=resume)
 
 
 def build_config(config_file: str, opts: list[str], register_coco: list[str] = (),
@@ -67,6 +73,44 @@ def setup(args):
     return cfg
 
 
+def validate_setup(args) -> None:
+    """Check the whole setup once in the launching process, before ``launch`` starts worker
+    processes (where an error would escape the one-line handler as a traceback per worker).
+
+    Raises:
+        SetupError: a bad config key or value, dataset registration, backbone setting, or
+            weights file (a ``.pkl`` is read with the restricted unpickler).
+    """
+    try:
+        cfg = build_config(args.config_file, args.opts, getattr(args, "register_coco", []) or [])
+    except SetupError:
+        raise
+    except (DatasetSpecError, KeyError, ValueError, AssertionError) as e:  # yacs: bad key/value
+        text = str(e).strip().strip("'\"")
+        raise SetupError(text.splitlines()[0] if text else type(e).__name__) from None
+    if cfg.MODEL.BACKBONE.NAME.startswith("build_timm"):
+        _check_timm_setup(cfg)
+    w = cfg.MODEL.WEIGHTS
+    if w.endswith(".pkl") and "://" not in w and Path(w).is_file():
+        try:
+            load_pickle(w)
+        except UnsafePickleError as e:
+            raise SetupError(f"MODEL.WEIGHTS={e}") from None
+
+
+def _check_timm_setup(cfg) -> None:
+    """``MODEL.TIMM.*`` values that would otherwise fail only when the model is built."""
+    import timm
+
+    from .modeling.timm_backbone import _NORMS
+
+    if cfg.MODEL.TIMM.NORM not in _NORMS:
+        raise SetupError(f"MODEL.TIMM.NORM must be one of {_NORMS}, got {cfg.MODEL.TIMM.NORM!r}")
+    if not timm.is_model(cfg.MODEL.TIMM.ARCH.split(".")[0]):
+        raise SetupError(f"MODEL.TIMM.ARCH names no timm model: {cfg.MODEL.TIMM.ARCH!r} "
+                         "(see timm.list_models())")
+
+
 def write_results(cfg, results) -> None:
     if comm.is_main_process() and results:
         out = Path(cfg.OUTPUT_DIR) / "results.json"
@@ -80,8 +124,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
+        with restricted_pickle_loading():
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

@@ -8,6 +8,7 @@ import sys
 
 from .config import ConfigError, load_config
 from .engine.checkpoint import CheckpointError
+from .engine.run_dir import RunDirError
 from .eval.common import EvalInputError
 
 
@@ -16,7 +17,8 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = args.output_dir or "output/pretrain"
-    trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress,
+                      allow_config_changes=args.resume_allow_changes)
     try:
         result = trainer.fit()
     except NonFiniteLossError as e:
@@ -30,7 +32,7 @@ def _train(args) -> int:
 def _export(args) -> int:
     from .export import export_encoder
 
-    meta = export_encoder(args.checkpoint, args.out, args.which)
+    meta = export_encoder(args.checkpoint, args.out, args.which, overwrite=args.force)
     print(f"wrote {args.out} ({meta.get('arch')}, {meta['which']}, step {meta['step']}) "
           f"and {args.out}.json")
     return 0
@@ -74,12 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=False, help="YAML config (configs/pretrain/*.yaml)")
     t.add_argument("--output-dir", help="checkpoints, config.yaml and TensorBoard logs")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    t.add_argument("--resume-allow-changes", action="store_true",
+                   help="on --resume, accept config changes beyond the safe list (logged)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="checkpoint -> plain timm encoder state_dict")
     e.add_argument("checkpoint")
     e.add_argument("--out", required=True)
+    e.add_argument("--force", action="store_true", help="replace an existing --out file")
     e.add_argument("--which", choices=("teacher", "student"), default=None,
                    help="branch to export (default: teacher for M2, query encoder for MoCo v2)")
     e.set_defaults(func=_export)
@@ -100,19 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def one_line(e: BaseException) -> str:
+    """The message of a user error on one line. An error re-raised from a DataLoader worker
+    carries the worker's traceback in its message: keep only the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        text = last.split(f"{type(e).__name__}: ", 1)[-1]
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ConfigError, CheckpointError, EvalInputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, EvalInputError, RunDirError, FileNotFoundError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         code = 2
     except Exception as e:  # DatasetError etc.: one line, not a traceback, for user errors
         from .data.datasets import DatasetError
 
         if isinstance(e, DatasetError):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             code = 2
         else:
             raise

@@ -268,6 +268,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.m_base' must be in [0, 1], got {cfg.train.m_base}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values each")
+    import timm  # here, not at import time: the config module stays light
+
+    if not timm.is_model(cfg.model.arch.split(".")[0]):
+        raise ConfigError(f"config key 'model.arch' names no timm model: {cfg.model.arch!r} "
+                          "(see timm.list_models())")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

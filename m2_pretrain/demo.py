@@ -18,6 +18,7 @@ import torch
 
 from .config import load_config
 from .engine.checkpoint import list_checkpoints
+from .engine.run_dir import RunDirError
 from .engine.trainer import Trainer
 from .eval.knn import knn_eval_encoder
 from .export import export_encoder, load_exported_encoder
@@ -33,7 +34,7 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
     result = trainer.fit()
     t_train = time.time() - t0
     ckpt = list_checkpoints(out / "pretrain")[-1]
-    export_encoder(ckpt, out / "encoder.pth")
+    export_encoder(ckpt, out / "encoder.pth", overwrite=True)  # from the fresh run above
     sd, meta = load_exported_encoder(out / "encoder.pth")
     encoder = timm.create_model(meta["arch"], num_classes=0, pretrained=False)
     encoder.load_state_dict(sd, strict=True)
@@ -69,7 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-dir", default="demo_output")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = ap.parse_args(argv)
-    print_summary(run(args.config, args.output_dir, args.overrides))
+    try:
+        summary = run(args.config, args.output_dir, args.overrides)
+    except RunDirError as e:
+        raise SystemExit(f"error: {e} (for the demo: pass another --output-dir or remove "
+                         f"{args.output_dir})") from None
+    print_summary(summary)
     print(f"\nresults written to {Path(args.output_dir) / 'results.json'}")
 
 

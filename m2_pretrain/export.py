@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .engine.checkpoint import CheckpointError, atomic_save, safe_load
+from .engine.checkpoint import CKPT_RE, CheckpointError, atomic_save, safe_load
 
 # Momentum BN bookkeeping that a plain timm BatchNorm does not have.
 _MOMENTUM_BN_ONLY = ("alpha",)
@@ -49,13 +49,42 @@ def meta_path(out: str | Path) -> Path:
     return Path(str(out) + ".json")
 
 
-def export_encoder(ckpt_path: str | Path, out: str | Path, which: str | None = None) -> dict:
+def check_output_file(src: str | Path, out: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write ``out`` over its own input, over a training checkpoint, or over any
+    existing file unless ``overwrite``.
+
+    Raises:
+        CheckpointError: saying which and what to pass instead.
+    """
+    src, out = Path(src), Path(out)
+    if out.is_dir():
+        raise CheckpointError(f"--out {out} is a directory; name a file in it instead")
+    if not out.exists():
+        return
+    if src.exists() and out.samefile(src):
+        raise CheckpointError(f"--out {out} is the input file itself; choose another file name")
+    if CKPT_RE.match(out.name):
+        raise CheckpointError(f"--out {out} is a training checkpoint; choose another file name")
+    if not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --force to "
+                              "replace it")
+
+
+def export_encoder(ckpt_path: str | Path, out: str | Path, which: str | None = None,
+                   overwrite: bool = False) -> dict:
     """Write ``out`` (a plain state_dict loadable with ``strict=True`` into
     ``timm.create_model(arch, num_classes=0)``) and ``out + '.json'`` with its metadata.
+
+    Args:
+        ckpt_path: a training checkpoint.
+        out: the encoder file to write; never the checkpoint itself or another checkpoint.
+        which: teacher|student (None: the method's default branch).
+        overwrite: replace an existing ``out`` (``--force``).
 
     Returns:
         The metadata dict.
     """
+    check_output_file(ckpt_path, out, overwrite)
     ckpt = safe_load(ckpt_path)
     which = which or default_branch(ckpt)
     sd = encoder_state_from_checkpoint(ckpt, which)

@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m2_detectron2.convert import ConversionError, convert_file, verify  # noqa: E402
+from m2_detectron2.safe_load import UnsafePickleError  # noqa: E402
 from m2_pretrain.engine.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main() -> int:
             if diff > 1e-3:
                 print("error: features differ: the conversion is wrong", file=sys.stderr)
                 return 1
-    except (ConversionError, CheckpointError) as e:
+    except (ConversionError, CheckpointError, UnsafePickleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import m2_detectron2  # noqa: E402,F401  (installs the detectron2._C stand-in when needed)
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
-from m2_detectron2.train import SetupError, main  # noqa: E402
+from m2_detectron2.safe_load import UnsafePickleError  # noqa: E402
+from m2_detectron2.train import SetupError, main, validate_setup  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,7 +30,8 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     try:
+        validate_setup(args)  # once here: errors inside launched workers escape as tracebacks
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
-    except SetupError as e:
+    except (SetupError, UnsafePickleError) as e:
         sys.exit(f"error: {e}")

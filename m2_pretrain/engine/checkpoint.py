@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,6 +16,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pth$")
+# Temporary files of ``atomic_save`` for checkpoints: ``.ckpt_XXXXXXXX.pth.tmp.<pid>``.
+TMP_RE = re.compile(r"^\.ckpt_\d{8}\.pth\.tmp\.(\d+)$")
+# How much of a file's start and end ``describe_file`` reads (never unpickles).
+_PROBE_BYTES = 1 << 20
+D2_WEIGHTS = "a Detectron2 weights file (.pkl)"
 
 
 class CheckpointError(RuntimeError):
@@ -47,16 +53,63 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         pass
 
 
+def describe_file(path: str | Path) -> str:
+    """What a file that ``torch.load(weights_only=True)`` refused is, without unpickling it.
+
+    Reads only the first and last MiB. Returns a phrase such as "a Detectron2 weights file
+    (.pkl)", "a plain pickle" or "not a PyTorch file".
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_PROBE_BYTES)
+        tail = b""
+        if size > _PROBE_BYTES:
+            f.seek(max(size - _PROBE_BYTES, _PROBE_BYTES))
+            tail = f.read()
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip container
+        return "a PyTorch file that does not load with weights_only=True"
+    if not head.startswith(b"\x80"):  # pickle protocol >= 2 marker
+        return "not a PyTorch file"
+    # Detectron2's keys are pickled after the weights: they sit at the end of a large file.
+    if any(m in head or m in tail for m in (b"matching_heuristics", b"__author__")):
+        return D2_WEIGHTS
+    return "a plain pickle"
+
+
+def _refusal_reason(e: BaseException) -> str:
+    """The useful part of a torch.load error, on one line, without torch's advice to retry with
+    ``weights_only=False`` (which would run whatever code the file holds)."""
+    text = str(e).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def safe_load(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` on CPU with a one-line error for unusable files."""
+    """``torch.load(weights_only=True)`` on CPU with a one-line error for unusable files.
+
+    Raises:
+        CheckpointError: the file is missing or not a PyTorch checkpoint of tensors and plain
+            containers; the message says what the file is (e.g. a Detectron2 ``.pkl``).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the protocol of plain pickles
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a usable checkpoint"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a loadable PyTorch checkpoint: {first}") from None
+        what = describe_file(path)
+        if what == D2_WEIGHTS:
+            raise CheckpointError(
+                f"{path} is already a Detectron2 weights file (.pkl), not a PyTorch checkpoint: "
+                "pass it to Detectron2 as MODEL.WEIGHTS") from None
+        reason = _refusal_reason(e)
+        raise CheckpointError(f"{path} is not a loadable PyTorch checkpoint ({what}; "
+                              f"torch.load(weights_only=True) says: {reason})") from None
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -91,6 +144,41 @@ def latest_loadable(folder: str | Path) -> Optional[tuple[Path, dict]]:
         except CheckpointError as e:
             logger.warning("ignoring unreadable checkpoint: %s", e)
     return None
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete ``.ckpt_*.pth.tmp.<pid>`` files left by a save that was killed mid-write.
+
+    Call it only while holding the folder's run lock (no other process saves there). Files
+    of a process that is still alive on this machine are kept. Returns the deleted paths.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = TMP_RE.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        size = p.stat().st_size
+        p.unlink(missing_ok=True)
+        removed.append(p)
+        logger.warning("removed %s (%.1f MB) left by an interrupted checkpoint save", p,
+                       size / 2**20)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def capture_rng_state() -> dict:

@@ -16,25 +16,30 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import Config, config_from_dict, save_config
+from ..config import Config, ConfigError, save_config
 from ..data.augment import Normalizer, TwoViewTransform
 from ..data.datasets import build_dataset
 from ..eval.knn import knn_eval_encoder
 from ..models import M2Teacher
 from ..models.mocov2 import MoCoV2
 from ..models import schedules as S
-from .checkpoint import (
-    capture_rng_state,
-    latest_loadable,
-    restore_rng_state,
-    save_rotating,
-)
+from .checkpoint import capture_rng_state, restore_rng_state, save_rotating
+from .run_dir import check_resume_config, claim_output_dir, find_resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is left in place."""
+
+
+class DivergedStateError(NonFiniteLossError):
+    """A weight or BN statistic became NaN/inf or diverged while the (bounded) loss stayed
+    finite; the last good checkpoint is left in place."""
+
+
+# A parameter or buffer whose L2 norm exceeds this has diverged (healthy ones are below ~1e4).
+DIVERGED_NORM = 1e12
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -89,9 +94,9 @@ class EpochBatchSampler(Sampler):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.batches_per_epoch = n // (batch_size * world)
         if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"dataset of {n} images is smaller than one global batch ({batch_size} x {world})"
-            )
+            raise ConfigError(
+                f"config key 'train.batch_size' ({batch_size} per process x {world} processes) "
+                f"is larger than the dataset ({n} images); lower it")
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start_batch: int) -> None:
@@ -176,14 +181,23 @@ class Trainer:
         output_dir: where checkpoints, the resolved config and TensorBoard logs go.
         resume: continue from the newest loadable checkpoint in ``output_dir``.
         progress: show a tqdm progress bar (main process only).
+        allow_config_changes: on resume, accept config changes outside
+            ``run_dir.RESUME_CHANGEABLE_KEYS`` (``--resume-allow-changes``); they are logged.
+
+    Raises:
+        RunDirError: ``output_dir`` is a file, is used by another process, or holds another
+            run (without ``resume``); with ``resume``, all its checkpoints are unreadable or
+            the config changed.
     """
 
     def __init__(self, cfg: Config, output_dir: str | Path, resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, allow_config_changes: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(output_dir)
+        self.allow_config_changes = allow_config_changes
         self.device = resolve_device(cfg.train.device)
         self.dist = init_distributed(self.device.type)
+        self._run_lock = claim_output_dir(self.out, resume, self.dist.is_main)
         self.progress = progress and self.dist.is_main
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self.cuda = self.device.type == "cuda"
@@ -257,15 +271,12 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        found = latest_loadable(self.out)
+        found = find_resume_checkpoint(self.out)
         if found is None:
             logger.info("--resume: no checkpoint in %s, starting from scratch", self.out)
             return
         path, ckpt = found
-        saved = config_from_dict(ckpt["config"])
-        if saved.model != self.cfg.model:
-            raise RuntimeError(f"{path}: its model config differs from the current one; "
-                               "resume with the same model settings or a new --output-dir")
+        check_resume_config(ckpt["config"], self.cfg, path, self.allow_config_changes)
         self.model.student.load_state_dict(ckpt["student"])
         self.model.teacher.load_state_dict(ckpt["teacher"])
         if hasattr(self.model, "predictor"):
@@ -386,6 +397,7 @@ class Trainer:
                                     f"loss became non-finite at step {fb}; stopping. The last good "
                                     f"checkpoint in {self.out} is kept (lower the learning rate or "
                                     f"check the data)")
+                            self._check_finite_state()
                         if log_now:
                             now = time.perf_counter()
                             mean_loss = (loss_sum / max(loss_count, 1)).item()
@@ -424,6 +436,29 @@ class Trainer:
                 writer.close()
         return {"status": status, "step": self.step, "total_steps": self.total_steps,
                 "history": self.history}
+
+    @torch.no_grad()
+    def _check_finite_state(self) -> None:
+        """Stop when a weight or statistic diverged: the loss is bounded (normalised L2), so it
+        can stay finite while weights reach 1e30 and BN running variances overflow.
+
+        Checks every floating-point parameter and buffer of the model (student, teacher,
+        predictor, Momentum BN statistics, MoCo queue) with one fused norm and one host sync.
+
+        Raises:
+            DivergedStateError: a tensor is NaN/inf or its norm exceeds ``DIVERGED_NORM``.
+        """
+        named = [(n, t) for n, t in list(self.model.named_parameters())
+                 + list(self.model.named_buffers()) if t.is_floating_point()]
+        norms = torch.stack([n.float() for n in torch._foreach_norm([t for _, t in named])])
+        ok = norms <= DIVERGED_NORM  # False for NaN and inf
+        if bool(ok.all()):
+            return
+        i = int((~ok).nonzero()[0])
+        raise DivergedStateError(
+            f"{named[i][0]} diverged by step {self.step} (norm {float(norms[i]):.3g}, "
+            f"{int((~ok).sum())} tensors affected); stopping. The last good checkpoint in "
+            f"{self.out} is kept (lower the learning rate or add warm-up)")
 
     # ------------------------------------------------------------------ kNN monitor
     def _knn_due(self) -> bool:

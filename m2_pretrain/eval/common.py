@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from ..engine.checkpoint import describe_file
 from ..export import is_training_checkpoint, meta_path
 
 
@@ -28,17 +30,6 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _describe_pickle(path: Path) -> Optional[str]:
-    """Name what a non-PyTorch file is without unpickling it (unpickling can run code)."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    if not head.startswith(b"\x80"):  # pickle protocol >= 2 marker
-        return None
-    if b"matching_heuristics" in head or b"__author__" in head:
-        return "a Detectron2 weights file (.pkl)"
-    return "a plain pickle"
-
-
 def load_encoder(weights: str | Path, arch: Optional[str] = None) -> tuple[nn.Module, dict]:
     """Build the timm encoder named by the weights' metadata (or ``arch``) and load them strictly.
 
@@ -50,9 +41,11 @@ def load_encoder(weights: str | Path, arch: Optional[str] = None) -> tuple[nn.Mo
     if not path.is_file():
         raise EvalInputError(f"weights file not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the protocol of plain pickles
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001
-        what = _describe_pickle(path) or "not a PyTorch file"
+        what = describe_file(path)
         raise EvalInputError(
             f"{path} is {what}; pass an encoder exported by `m2-pretrain export CKPT --out encoder.pth`"
         ) from None
@@ -69,6 +62,9 @@ def load_encoder(weights: str | Path, arch: Optional[str] = None) -> tuple[nn.Mo
     arch = arch or meta.get("arch")
     if not arch:
         raise EvalInputError(f"{path} has no {mp.name} metadata: pass the architecture (--arch)")
+    if not timm.is_model(arch.split(".")[0]):
+        raise EvalInputError(f"unknown timm architecture {arch!r} (from --arch or {mp.name}); "
+                             "see timm.list_models()")
     encoder = timm.create_model(arch, num_classes=0, pretrained=False)
     try:
         missing, unexpected = encoder.load_state_dict(sd, strict=False)

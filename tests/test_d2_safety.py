@@ -1,0 +1,227 @@
+"""Detectron2 side of issue 14: .pkl weights never run code, converted files cross numpy 1/2,
+clear converter messages, and setup errors validated once before ``launch``."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import m2_detectron2  # noqa: F401  (stand-in first)
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+
+from m2_detectron2.convert import ConversionError, convert_file
+from m2_detectron2.data import DatasetSpecError, register_coco_spec
+from m2_detectron2.safe_load import (
+    UnsafePickleError, dumps_pickle, load_pickle, load_pickle_file, restricted_pickle_loading)
+from m2_detectron2.train import SetupError, Trainer, validate_setup
+from m2_pretrain.engine.checkpoint import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "detectron2"
+DEMO_CONFIG = str(CONFIGS / "demo_shapes_mask_rcnn_R18.yaml")
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _evil_pkl(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"w": _Evil(marker)}, "__author__": "x",
+                     "matching_heuristics": True}, f)
+    return path, marker
+
+
+def _args(*opts, config=DEMO_CONFIG, register=(), eval_only=False):
+    sys.path.insert(0, str(REPO / "tools"))
+    import train_net
+
+    argv = ["--config-file", config] + (["--eval-only"] if eval_only else [])
+    for spec in register:
+        argv += ["--register-coco", spec]
+    return train_net.parse_args(argv + list(opts))
+
+
+def test_evil_pickle_is_refused_by_every_loader(tmp_path):
+    evil, marker = _evil_pkl(tmp_path)
+    with pytest.raises(UnsafePickleError, match="evil.pkl: refusing to unpickle posix.system"):
+        load_pickle(evil)
+    # Detectron2's checkpointer, as used by --eval-only
+    model = torch.nn.Linear(2, 2)
+    with restricted_pickle_loading(), pytest.raises(UnsafePickleError, match="evil.pkl"):
+        DetectionCheckpointer(model).load(str(evil))
+    # the training Trainer (and the demo, which uses it): resume_or_load
+    trainer = object.__new__(Trainer)
+    trainer.checkpointer = DetectionCheckpointer(model)
+    trainer.cfg = get_cfg()
+    trainer.cfg.MODEL.WEIGHTS = str(evil)
+    with pytest.raises(UnsafePickleError, match="evil.pkl"):
+        trainer.resume_or_load(resume=False)
+    # the parent-side check before launch
+    with pytest.raises(SetupError, match="MODEL.WEIGHTS=.*evil.pkl: refusing"):
+        validate_setup(_args("MODEL.WEIGHTS", str(evil)))
+    assert not marker.exists()
+    # the checkpointer is plain again outside the block, and good weights load inside it
+    good = tmp_path / "good.pkl"
+    w = {"weight": np.arange(4, dtype=np.float32).reshape(2, 2), "bias": np.ones(2, np.float32)}
+    good.write_bytes(dumps_pickle({"model": w, "__author__": "test"}))
+    with restricted_pickle_loading():
+        DetectionCheckpointer(model).load(str(good))
+    torch.testing.assert_close(model.weight.detach(), torch.from_numpy(w["weight"]))
+    from detectron2.checkpoint import detection_checkpoint as dc
+
+    assert dc.pickle is pickle
+
+
+@pytest.mark.slow
+def test_train_net_reports_errors_in_one_line_before_launch(tmp_path):
+    """With --num-gpus 2 a setup error raised inside launched workers would be a traceback per
+    worker: the parent validates first (the evil .pkl is never unpickled by a plain pickle)."""
+    evil, marker = _evil_pkl(tmp_path)
+    runs = {"refusing to unpickle posix.system": ["--num-gpus", "2", "MODEL.WEIGHTS", str(evil)],
+            "must look like name=path": ["--eval-only", "--register-coco", "badspec"]}
+    for expected, extra in runs.items():
+        r = subprocess.run([sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
+                            DEMO_CONFIG, *extra, "OUTPUT_DIR", str(tmp_path / "out")],
+                           capture_output=True, text=True, timeout=300)
+        last = r.stderr.strip().splitlines()[-1]  # import-time warnings of torch may precede it
+        assert r.returncode != 0 and last.startswith("error: ") and expected in last
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not marker.exists()
+
+
+def _globals_of(data: bytes) -> set[tuple[str, str]]:
+    seen = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            seen.add((module, name))
+            return super().find_class(module, name)
+
+    Recorder(io.BytesIO(data)).load()
+    return seen
+
+
+def _hide(monkeypatch, prefix: str) -> None:
+    """Make ``prefix`` and its submodules unimportable (as numpy 2 lacks ``numpy.core``'s real
+    modules and numpy 1 lacks ``numpy._core``)."""
+    for name in [m for m in list(sys.modules) if m == prefix or m.startswith(prefix + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    for sub in ("", ".multiarray", ".numeric", "._multiarray_umath"):
+        monkeypatch.setitem(sys.modules, prefix + sub, None)
+
+
+def _simulate_numpy2(monkeypatch) -> None:
+    """numpy 2's layout: the private modules live at numpy._core, numpy.core is gone."""
+    core = sys.modules["numpy.core"]
+    mods = {"": core, ".multiarray": sys.modules["numpy.core.multiarray"],
+            ".numeric": sys.modules["numpy.core.numeric"]}
+    _hide(monkeypatch, "numpy.core")
+    for sub, mod in mods.items():
+        monkeypatch.setitem(sys.modules, "numpy._core" + sub, mod)
+
+
+def test_converted_pickle_loads_under_both_numpy_layouts(tmp_path, monkeypatch):
+    import timm
+
+    src = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), src)
+    out = tmp_path / "r18.pkl"
+    convert_file(src, out)
+    data = out.read_bytes()
+    # only module paths that numpy 1 and numpy 2 both have
+    assert _globals_of(data) <= {("numpy", "ndarray"), ("builtins", "bytearray")}
+    want = pickle.loads(data)["model"]
+    stem = want["stem.conv1.weight"]
+    assert stem.shape == (64, 3, 7, 7) and stem.flags.writeable
+    with monkeypatch.context() as m:  # numpy 1 (no numpy._core): Detectron2's plain unpickler
+        _hide(m, "numpy._core")
+        got = pickle.load(io.BytesIO(data), encoding="latin1")["model"]
+    with monkeypatch.context() as m:  # numpy 2 layout: plain and restricted unpicklers
+        _simulate_numpy2(m)
+        got2 = pickle.load(io.BytesIO(data), encoding="latin1")["model"]
+        got3 = load_pickle_file(io.BytesIO(data))["model"]
+    for k, v in want.items():
+        for g in (got, got2, got3):
+            assert g[k].dtype == v.dtype and np.array_equal(g[k], v), k
+
+
+def test_restricted_loader_reads_the_other_numpys_pickles(tmp_path, monkeypatch):
+    w = {"model": {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float32(2.5)},
+         "__author__": "x"}
+    numpy1 = pickle.dumps(w, protocol=2)  # numpy.core.multiarray._reconstruct / scalar
+    assert b"numpy.core.multiarray" in numpy1
+    numpy2 = numpy1.replace(b"numpy.core.multiarray", b"numpy._core.multiarray")
+    with monkeypatch.context() as m:  # a numpy-2 file read under numpy 1
+        _hide(m, "numpy._core")
+        with pytest.raises(ModuleNotFoundError, match="numpy._core"):
+            pickle.loads(numpy2)  # the failure of the issue
+        got = load_pickle_file(io.BytesIO(numpy2))["model"]
+    assert np.array_equal(got["a"], w["model"]["a"]) and got["s"] == np.float32(2.5)
+    with monkeypatch.context() as m:  # a numpy-1 file read under numpy 2's layout
+        _simulate_numpy2(m)
+        got = load_pickle_file(io.BytesIO(numpy1))["model"]
+    assert np.array_equal(got["a"], w["model"]["a"]) and got["s"].dtype == np.float32
+
+
+def test_converter_names_its_input(tmp_path, monkeypatch, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(2048))
+    with pytest.raises(CheckpointError) as e:
+        convert_file(junk, tmp_path / "o.pkl")
+    assert "not a loadable PyTorch checkpoint" in str(e.value)
+    assert "weights_only` set to `False`" not in str(e.value)
+    pkl = tmp_path / "already.pkl"
+    weights = {"stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}
+    pkl.write_bytes(dumps_pickle({"model": weights, "__author__": "m2",
+                                  "matching_heuristics": True}))
+    with pytest.raises(CheckpointError, match="already a Detectron2 weights file"):
+        convert_file(pkl, tmp_path / "o.pkl")
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert_to_d2
+
+    monkeypatch.setattr(sys, "argv", ["convert_to_d2.py", str(pkl), str(tmp_path / "o.pkl")])
+    assert convert_to_d2.main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "already a Detectron2" in err and err.count("\n") == 1
+    with pytest.raises(ConversionError, match="is the input file itself"):
+        convert_file(pkl, pkl)
+
+
+def test_setup_is_validated_once_before_launch(tmp_path):
+    with pytest.raises(SetupError, match="must look like name=path"):
+        validate_setup(_args(register=["badspec"]))
+    with pytest.raises(SetupError, match="annotation file .*missing.json does not exist"):
+        validate_setup(_args(register=[f"x={tmp_path / 'missing.json'}:{tmp_path}"]))
+    with pytest.raises(SetupError, match="Non-existent .*MODEL.NOPE"):
+        validate_setup(_args("MODEL.NOPE", "1"))
+    timm_cfg = str(CONFIGS / "mask_rcnn_timm_FPN_1x.yaml")
+    data = ["DATASETS.TRAIN", "('shapes_coco_train',)", "DATASETS.TEST", "('shapes_coco_val',)"]
+    with pytest.raises(SetupError, match="MODEL.TIMM.NORM must be one of"):
+        validate_setup(_args("MODEL.TIMM.NORM", "GroupNorm", *data, config=timm_cfg))
+    with pytest.raises(SetupError, match="MODEL.TIMM.ARCH names no timm model"):
+        validate_setup(_args("MODEL.TIMM.ARCH", "not_a_model", *data, config=timm_cfg))
+    validate_setup(_args(*data, config=timm_cfg))  # a good setup passes
+    # a dataset registered by the parent's check can be set up again by main() in-process
+    (tmp_path / "a.json").write_text("{}")
+    spec = f"mine_{os.getpid()}={tmp_path / 'a.json'}:{tmp_path}"
+    assert register_coco_spec(spec) == register_coco_spec(spec)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DatasetSpecError, match="already registered"):
+        register_coco_spec(f"mine_{os.getpid()}={tmp_path / 'a.json'}:{tmp_path / 'other'}")
