@@ -82,7 +82,9 @@ def validate_setup(args) -> None:
             weights file (a ``.pkl`` is read with the restricted unpickler).
     """
     try:
-        cfg = build_config(args.config_file, args.opts, getattr(args, "register_coco", []) or [])
+        # build_config ends with checks.check_config (weights, class counts): it runs here too
+        cfg = build_config(args.config_file, args.opts, getattr(args, "register_coco", []) or [],
+                           resume=getattr(args, "resume", False))
     except SetupError:
         raise
     except (DatasetSpecError, KeyError, ValueError, AssertionError) as e:  # yacs: bad key/value

@@ -212,12 +212,18 @@ def test_setup_is_validated_once_before_launch(tmp_path):
     with pytest.raises(SetupError, match="Non-existent .*MODEL.NOPE"):
         validate_setup(_args("MODEL.NOPE", "1"))
     timm_cfg = str(CONFIGS / "mask_rcnn_timm_FPN_1x.yaml")
-    data = ["DATASETS.TRAIN", "('shapes_coco_train',)", "DATASETS.TEST", "('shapes_coco_val',)"]
+    data = ["DATASETS.TRAIN", "('shapes_coco_train',)", "DATASETS.TEST", "('shapes_coco_val',)",
+            "MODEL.ROI_HEADS.NUM_CLASSES", "10", "M2.RANDOM_INIT", "True"]
     with pytest.raises(SetupError, match="MODEL.TIMM.NORM must be one of"):
         validate_setup(_args("MODEL.TIMM.NORM", "GroupNorm", *data, config=timm_cfg))
     with pytest.raises(SetupError, match="MODEL.TIMM.ARCH names no timm model"):
         validate_setup(_args("MODEL.TIMM.ARCH", "not_a_model", *data, config=timm_cfg))
     validate_setup(_args(*data, config=timm_cfg))  # a good setup passes
+    # the transfer checks (m2_detectron2.checks) run in the parent too
+    with pytest.raises(SetupError, match="MODEL.ROI_HEADS.NUM_CLASSES is 80"):
+        validate_setup(_args(*data[:4], "M2.RANDOM_INIT", "True", config=timm_cfg))
+    with pytest.raises(SetupError, match="M2.RANDOM_INIT"):
+        validate_setup(_args(*data[:6], config=timm_cfg))
     # a dataset registered by the parent's check can be set up again by main() in-process
     (tmp_path / "a.json").write_text("{}")
     spec = f"mine_{os.getpid()}={tmp_path / 'a.json'}:{tmp_path}"
