@@ -264,11 +264,24 @@ def bench_pipeline(args) -> dict:
         dev = BatchTwoViewAugment(tf.student_cfg, tf.teacher_cfg, [0.5] * 3, [0.25] * 3)
         batch = torch.stack([geo(arr)[0] for _ in range(16)]).permute(0, 3, 1, 2)
         gen = torch.Generator().manual_seed(0)
+        if res == 96:  # the whole worker-side sample: memory map, seeding, crop + flip
+            import itertools
+            import tempfile
+
+            from m2_pretrain.data.datasets import STL10Binary
+            from m2_pretrain.engine.trainer import SeededSample
+
+            tmpdir = tempfile.TemporaryDirectory(prefix="m2_speed_stl10_")
+            write_stl10_layout(Path(tmpdir.name), 256)
+            stl = SeededSample(STL10Binary(tmpdir.name, "unlabeled", geo), seed=0)
+            keys = itertools.cycle([(i, 0) for i in range(256)])
         arms = {"pipeline": (lambda: tf(src), 1),
                 "pipeline_torchvision_blur": (lambda: tv(src), 1),
                 "geometric": (lambda: geo(arr), 1),
                 "geometric_from_pil": (lambda: geo(src), 1),
                 "device_half_on_cpu": (lambda: dev(batch, batch, gen), 16)}
+        if res == 96:
+            arms["geometric_stl10_sample"] = (lambda: stl[next(keys)], 1)
         rates = {k: [] for k in arms}
         for fn, _ in arms.values():
             for _ in range(3):
@@ -327,8 +340,8 @@ def bench_real(args, kind: str, tmp: Path) -> dict:
         data = ["data.dataset=imagefolder", "data.split=train"]
     batches = args.real_images // args.batch
     if batches < args.real_steps:
-        raise SystemExit(f"--real-images {args.real_images} gives {batches} batches of {args.batch}; "
-                         f"need at least --real-steps {args.real_steps}")
+        raise SystemExit(f"--real-images {args.real_images} gives {batches} batches of "
+                         f"{args.batch}; need at least --real-steps {args.real_steps}")
     log_every = max(args.real_steps // 5, 1)
     cfg = load_config(None, data + [
         f"data.root={data_root}", f"data.res={args.res}", f"data.workers={args.workers}",

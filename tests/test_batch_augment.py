@@ -15,7 +15,7 @@ from m2_pretrain.data import batch_augment as BA
 from m2_pretrain.data.augment import STUDENT_VIEW, TEACHER_VIEW, ViewAugConfig
 from m2_pretrain.data.embedded import render_sample
 from m2_pretrain.engine.checkpoint import list_checkpoints, safe_load
-from m2_pretrain.engine.trainer import Trainer
+from m2_pretrain.engine.trainer import Trainer, build_augmentation
 
 from helpers import tiny_config
 
@@ -93,7 +93,8 @@ def test_batched_equals_per_sample_loop():
 def test_parameter_probabilities_and_ranges():
     n = 20000
     g = torch.Generator().manual_seed(0)
-    for view, cfg in (("student", _view_cfg(**STUDENT_VIEW)), ("teacher", _view_cfg(**TEACHER_VIEW))):
+    views = (("student", _view_cfg(**STUDENT_VIEW)), ("teacher", _view_cfg(**TEACHER_VIEW)))
+    for view, cfg in views:
         p = BA.draw_view_params(cfg, n, g)
         tol = 4 * math.sqrt(0.25 / n)  # 4 standard deviations
         for mask, prob in ((p.jitter, 0.8), (p.gray, 0.2), (p.blur, cfg.blur_p),
@@ -111,6 +112,12 @@ def test_parameter_probabilities_and_ranges():
     # independent draws for the two views of a pair
     a, b = BA.BatchTwoViewAugment(_view_cfg(), _view_cfg(), [0.5] * 3, [0.5] * 3).draw(64, g)
     assert not torch.equal(a.brightness, b.brightness)
+    # MoCo v2's symmetric pipeline: saturation 0.4, blur p 0.5 on both views, no solarisation
+    tf = build_augmentation(tiny_config(model={"method": "mocov2"}))
+    aug = BA.BatchTwoViewAugment(tf.student_cfg, tf.teacher_cfg, [0.5] * 3, [0.5] * 3)
+    for p in aug.draw(n, g):
+        assert p.saturation.min() < 0.61 and p.saturation.max() > 1.39
+        assert abs(p.blur.float().mean().item() - 0.5) < 0.02 and not p.solarize.any()
 
 
 def test_parameters_keyed_by_seed_rank_micro():
@@ -126,7 +133,8 @@ def test_crop_box_distribution_matches_torchvision():
     torch.manual_seed(0)
     ours = np.array([BA.random_resized_crop_box(h, w, (0.08, 1.0), (3 / 4, 4 / 3),
                                                 torch.rand(40).tolist()) for _ in range(n)])
-    ref = np.array([T.RandomResizedCrop.get_params(torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
+    img = torch.empty(3, h, w)
+    ref = np.array([T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
                     for _ in range(n)])
     for arr in (ours, ref):
         assert (arr[:, 0] >= 0).all() and (arr[:, 0] + arr[:, 2] <= h).all()

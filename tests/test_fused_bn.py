@@ -14,7 +14,8 @@ def plain_momentum_bn(x, V, G, rm, rv, alpha, w, b, eps):
     n, C = x.shape[0] // (V * G), x.shape[1]
     xd = x.double()
     y = torch.empty_like(xd)
-    mus, vars_ = torch.zeros(V, G, C, dtype=torch.float64), torch.zeros(V, G, C, dtype=torch.float64)
+    mus = torch.zeros(V, G, C, dtype=torch.float64)
+    vars_ = torch.zeros(V, G, C, dtype=torch.float64)
     for v in range(V):
         for g in range(G):
             lo = (v * G + g) * n

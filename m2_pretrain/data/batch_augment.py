@@ -45,7 +45,8 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
 # ----------------------------------------------------------------------------- loader side
 def random_resized_crop_box(height: int, width: int, scale: Sequence[float],
-                            ratio: Sequence[float], u: Sequence[float]) -> tuple[int, int, int, int]:
+                            ratio: Sequence[float], u: Sequence[float],
+                            ) -> tuple[int, int, int, int]:
     """``(top, left, h, w)`` of a random resized crop, with torchvision's distribution.
 
     As ``T.RandomResizedCrop.get_params``: up to 10 attempts of an area fraction
@@ -113,7 +114,9 @@ class GeometricTwoView:
         return torch.from_numpy(resize_crop(arr, box, self.res, u[40] < self.flip_p))
 
     def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
-        arr = img if isinstance(img, np.ndarray) else np.asarray(img.convert("RGB"))
+        if not isinstance(img, np.ndarray):
+            img = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        arr = img
         u = torch.rand(82, dtype=torch.float64).tolist()
         return self.view(arr, u[:41]), self.view(arr, u[41:])
 
@@ -273,7 +276,8 @@ _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 
 
 def _format_of(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if cl and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 

@@ -149,7 +149,8 @@ def momentum_bn_train_plain(x: Tensor, num_views: int, num_groups: int, running_
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if cl and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 
