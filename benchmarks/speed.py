@@ -276,7 +276,7 @@ def bench_pipeline(args) -> dict:
             stl = SeededSample(STL10Binary(tmpdir.name, "unlabeled", geo), seed=0)
             keys = itertools.cycle([(i, 0) for i in range(256)])
         arms = {"pipeline": (lambda: tf(src), 1),
-                "pipeline_torchvision_blur": (lambda: tv(src), 1),
+                "torchvision_blur": (lambda: tv(src), 1),
                 "geometric": (lambda: geo(arr), 1),
                 "geometric_from_pil": (lambda: geo(src), 1),
                 "device_half_on_cpu": (lambda: dev(batch, batch, gen), 16)}
@@ -387,7 +387,7 @@ def main(argv=None) -> None:
     ap.add_argument("--real", help="comma-separated: stl10 (96 px binary layout), imagefolder "
                                    "(~500x375 JPEGs): run the trainer's loop on generated data")
     ap.add_argument("--real-images", type=int, default=0, help="images to generate (default: "
-                    "60 batches)")
+                    "--real-steps + 10 batches: one epoch, no worker restart)")
     ap.add_argument("--real-steps", type=int, default=50, help="optimizer steps per --real run")
     ap.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 2, 1),
                     help="loader workers of the --real runs")
@@ -414,7 +414,7 @@ def main(argv=None) -> None:
     if args.real:
         import tempfile
 
-        args.real_images = args.real_images or 60 * args.batch
+        args.real_images = args.real_images or (args.real_steps + 10) * args.batch
         result["real"] = []
         with tempfile.TemporaryDirectory(prefix="m2_speed_real_") as tmp:
             for kind in args.real.split(","):

@@ -174,7 +174,7 @@ def test_geometric_two_view_crop_resize_and_flip():
 
 
 def test_resume_exact_with_device_augmentation(tmp_path, monkeypatch):
-    cfg = tiny_config(train={"max_steps": 4}, data={"augment_device": "cuda"},
+    cfg = tiny_config(train={"max_steps": 3}, data={"augment_device": "cuda"},
                       model={"arch": "resnet10t"})
     full = Trainer(cfg, tmp_path / "full", progress=False)
     assert full.batch_aug is not None  # the batched pipeline, here on the CPU
