@@ -9,11 +9,20 @@ Arms (synthetic batches already on the device; median of interleaved repeats):
                    mean/var passes, Python-side state, lazy commit)
   mocov2_shuffle   MoCo v2 step, shuffle-BN key encoder        (--moco)
   mocov2_momentum  MoCo v2 step, Momentum BN (alpha 0.064) key  (--moco)
+  lightly_byol     the BYOL step built from lightly's modules   (--peer lightly; needs the
+                   optional `benchmarks` extra: pip install -e .[benchmarks])
 
     python benchmarks/speed.py --device cuda --json speed.json          # ResNet-50, 224 px, 128/view
     python benchmarks/speed.py --device cuda --arch resnet18 --res 96 --batch 256
     python benchmarks/speed.py --device cpu --json speed_cpu.json       # small shapes
     python benchmarks/speed.py --pipeline                               # augmentation pairs/s/core
+    python benchmarks/speed.py --real stl10 --arch resnet18 --res 96 --batch 256 --workers 14
+    python benchmarks/speed.py --real imagefolder --workers 14          # ResNet-50, 224 px JPEGs
+
+--real runs the trainer's own loop (Trainer.fit) on data it generates (STL10's binary layout
+at 96 px; an ImageFolder of about 500x375 JPEGs), and reports images/s, the share of time
+spent waiting for data, and images/s as a fraction of the m2 step rate measured in the same
+process (the step on device-resident batches).
 
 Ratios printed: m2/ceiling, m2/byol_bn, m2_reference/m2 (and mocov2_momentum/mocov2_shuffle).
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -77,6 +87,47 @@ class Ceiling(nn.Module):
         return {"loss": self.student(v1).float().mean() + self.student(v2).float().mean() + 0 * t}
 
 
+class LightlyBYOL(nn.Module):
+    """BYOL built from lightly's modules (heads, negative cosine loss, momentum update) on the
+    same timm encoder and head widths: the peer arm of the benchmark."""
+
+    def __init__(self, arch: str, proj_hidden: int, proj_out: int, pred_hidden: int) -> None:
+        super().__init__()
+        import copy
+
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+        self._update_momentum = update_momentum
+        self.backbone = create_encoder(arch)
+        dim = self.backbone.num_features
+        self.projection_head = BYOLProjectionHead(dim, proj_hidden, proj_out)
+        self.prediction_head = BYOLPredictionHead(proj_out, pred_hidden, proj_out)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+
+    def _online(self, x):
+        return self.prediction_head(self.projection_head(self.backbone(x)))
+
+    @torch.no_grad()
+    def _target(self, x):
+        return self.projection_head_momentum(self.backbone_momentum(x)).detach()
+
+    def forward(self, v1, v2):
+        p1, p2 = self._online(v1), self._online(v2)
+        z1, z2 = self._target(v1), self._target(v2)
+        return {"loss": 0.5 * (self.criterion(p1, z2) + self.criterion(p2, z1))}
+
+    @torch.no_grad()
+    def update_teacher(self, one_minus_m: float) -> None:
+        self._update_momentum(self.backbone, self.backbone_momentum, m=1 - one_minus_m)
+        self._update_momentum(self.projection_head, self.projection_head_momentum, m=1 - one_minus_m)
+
+
 def make_arm(name: str, arch: str, heads: dict, batch: int) -> nn.Module:
     if name == "ceiling":
         return Ceiling(arch)
@@ -86,6 +137,8 @@ def make_arm(name: str, arch: str, heads: dict, batch: int) -> nn.Module:
         return M2Teacher(arch, teacher_norm="momentum", **heads)
     if name == "m2_reference":
         return ReferenceM2Teacher(arch, **heads)
+    if name == "lightly_byol":
+        return LightlyBYOL(arch, **heads)
     if name.startswith("mocov2_"):
         return MoCoV2(arch, queue_size=65536, key_norm="shuffle_bn" if name.endswith("shuffle") else "momentum",
                       shuffle_splits=max(1, min(8, batch // 2)))  # >= 2 images per sub-batch
@@ -125,12 +178,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_steps(args) -> dict:
+def bench_steps(args, arms: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     amp = torch.bfloat16 if cuda else None
     heads = dict(proj_hidden=args.proj_hidden, proj_out=args.proj_out, pred_hidden=args.proj_hidden)
-    arms = ["ceiling", "byol_bn", "m2", "m2_reference"] + (["mocov2_shuffle", "mocov2_momentum"] if args.moco else [])
+    if arms is None:
+        arms = ["ceiling", "byol_bn", "m2", "m2_reference"]
+        arms += ["mocov2_shuffle", "mocov2_momentum"] if args.moco else []
+        arms += ["lightly_byol"] if args.peer == "lightly" else []
     torch.manual_seed(0)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     v1 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
@@ -154,10 +210,10 @@ def bench_steps(args) -> dict:
             sync(device)
             times[a].append((time.perf_counter() - t0) / args.inner)
     med = {a: statistics.median(t) for a, t in times.items()}
-    ratios = {"m2/ceiling": med["m2"] / med["ceiling"], "m2/byol_bn": med["m2"] / med["byol_bn"],
-              "m2_reference/m2": med["m2_reference"] / med["m2"]}
-    if args.moco:
-        ratios["mocov2_momentum/mocov2_shuffle"] = med["mocov2_momentum"] / med["mocov2_shuffle"]
+    pairs = [("m2", "ceiling"), ("m2", "byol_bn"), ("m2_reference", "m2"),
+             ("mocov2_momentum", "mocov2_shuffle"), ("m2", "lightly_byol"),
+             ("byol_bn", "lightly_byol")]
+    ratios = {f"{a}/{b}": med[a] / med[b] for a, b in pairs if a in med and b in med}
     return {
         "arms": {a: {"median_s": med[a], "all_s": times[a], "images_per_s": 2 * args.batch / med[a],
                      "peak_mem_gib": peak[a]} for a in arms},
@@ -184,35 +240,134 @@ def _with_torchvision_blur(tf):
 
 
 def bench_pipeline(args) -> dict:
-    """Two-view augmentation throughput of the trainer's own pipeline, one process (one core),
-    interleaved with the same pipeline using torchvision's GaussianBlur (median of 5 rounds)."""
+    """Two-view augmentation throughput, one process (one core), median of 5 interleaved
+    rounds: the trainer's per-image PIL pipeline (``data.augment_device=cpu``), the same with
+    torchvision's GaussianBlur, the loader-side half of the device pipeline (decode done;
+    crop + flip to uint8, ``GeometricTwoView``) and, for reference, the device-side half run
+    on this CPU core (batches of 16 pairs)."""
+    import numpy as np
     from PIL import Image
 
     from m2_pretrain.data.augment import TwoViewTransform
+    from m2_pretrain.data.batch_augment import BatchTwoViewAugment, GeometricTwoView
     from m2_pretrain.data.embedded import render_sample
 
     torch.set_num_threads(1)  # (the pipeline's OpenCV blur is single-threaded by augment.py)
     out = {}
     rounds = 5
     for res in (96, 224):
-        src = Image.fromarray(render_sample(0, int(res * 1.15))["image"])
-        arms = {"pipeline": TwoViewTransform(res)}
-        arms["pipeline_torchvision_blur"] = _with_torchvision_blur(arms["pipeline"])
+        arr = render_sample(0, int(res * 1.15))["image"]
+        src = Image.fromarray(arr)
+        tf = TwoViewTransform(res)
+        tv = _with_torchvision_blur(tf)
+        geo = GeometricTwoView(res)
+        dev = BatchTwoViewAugment(tf.student_cfg, tf.teacher_cfg, [0.5] * 3, [0.25] * 3)
+        batch = torch.stack([geo(arr)[0] for _ in range(16)]).permute(0, 3, 1, 2)
+        gen = torch.Generator().manual_seed(0)
+        if res == 96:  # the whole worker-side sample: memory map, seeding, crop + flip
+            import itertools
+            import tempfile
+
+            from m2_pretrain.data.datasets import STL10Binary
+            from m2_pretrain.engine.trainer import SeededSample
+
+            tmpdir = tempfile.TemporaryDirectory(prefix="m2_speed_stl10_")
+            write_stl10_layout(Path(tmpdir.name), 256)
+            stl = SeededSample(STL10Binary(tmpdir.name, "unlabeled", geo), seed=0)
+            keys = itertools.cycle([(i, 0) for i in range(256)])
+        arms = {"pipeline": (lambda: tf(src), 1),
+                "torchvision_blur": (lambda: tv(src), 1),
+                "geometric": (lambda: geo(arr), 1),
+                "geometric_from_pil": (lambda: geo(src), 1),
+                "device_half_on_cpu": (lambda: dev(batch, batch, gen), 16)}
+        if res == 96:
+            arms["geometric_stl10_sample"] = (lambda: stl[next(keys)], 1)
         rates = {k: [] for k in arms}
-        for tf in arms.values():
-            for _ in range(5):
-                tf(src)
+        for fn, _ in arms.values():
+            for _ in range(3):
+                fn()
         for _ in range(rounds):
-            for name, tf in arms.items():
+            for name, (fn, pairs) in arms.items():
                 n, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < args.pipeline_seconds / rounds:
-                    tf(src)
-                    n += 1
+                while time.perf_counter() - t0 < args.pipeline_seconds / rounds / len(arms) * 2:
+                    fn()
+                    n += pairs
                 rates[name].append(n / (time.perf_counter() - t0))
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        out[f"{res}px_pairs_per_s_per_core"] = med["pipeline"]
-        out[f"{res}px_pairs_per_s_per_core_torchvision_blur"] = med["pipeline_torchvision_blur"]
+        for k, v in rates.items():
+            suffix = "" if k == "pipeline" else "_" + k
+            out[f"{res}px_pairs_per_s_per_core{suffix}"] = statistics.median(v)
     return out
+
+
+# ----------------------------------------------------------------------------- --real
+def write_stl10_layout(root: Path, n: int) -> None:
+    """``n`` 96 px images (the embedded shapes) in STL10's binary layout as ``unlabeled``."""
+    import numpy as np
+
+    from m2_pretrain.data.embedded import render_sample
+
+    d = root / "stl10_binary"
+    d.mkdir(parents=True, exist_ok=True)
+    imgs = np.stack([render_sample(i, 96)["image"] for i in range(n)])
+    imgs.transpose(0, 3, 2, 1).tofile(d / "unlabeled_X.bin")  # column-major, as STL10
+
+
+def write_jpeg_folder(root: Path, n: int, size=(500, 375)) -> None:
+    """``n`` JPEGs of ``size`` (the embedded shapes, resized) in ``root/train/<class>/``."""
+    from PIL import Image
+
+    from m2_pretrain.data.embedded import render_sample
+
+    for i in range(n):
+        d = root / "train" / f"c{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(render_sample(i, 128)["image"]).resize(size, Image.BICUBIC)
+        img.save(d / f"{i:06d}.jpg", quality=90)
+
+
+def bench_real(args, kind: str, tmp: Path) -> dict:
+    """The trainer's own loop on generated data: images/s, data-wait share, fraction of the
+    m2 step rate (same arch, resolution and batch, measured in this process)."""
+    from m2_pretrain.config import load_config
+    from m2_pretrain.engine.trainer import Trainer
+
+    data_root = tmp / kind
+    if kind == "stl10":
+        write_stl10_layout(data_root, args.real_images)
+        data = ["data.dataset=stl10", "data.split=unlabeled"]
+    else:
+        write_jpeg_folder(data_root, args.real_images)
+        data = ["data.dataset=imagefolder", "data.split=train"]
+    batches = args.real_images // args.batch
+    if batches < args.real_steps:
+        raise SystemExit(f"--real-images {args.real_images} gives {batches} batches of "
+                         f"{args.batch}; need at least --real-steps {args.real_steps}")
+    log_every = max(args.real_steps // 5, 1)
+    cfg = load_config(None, data + [
+        f"data.root={data_root}", f"data.res={args.res}", f"data.workers={args.workers}",
+        f"data.augment_device={args.augment_device}", f"model.arch={args.arch}",
+        f"model.proj_hidden={args.proj_hidden}", f"model.proj_out={args.proj_out}",
+        f"model.pred_hidden={args.proj_hidden}", f"train.batch_size={args.batch}",
+        f"train.max_steps={args.real_steps}", f"train.log_every={log_every}",
+        f"train.device={args.device}", f"train.compile={args.compile}",
+        "optim.warmup_epochs=0", f"checkpoint.every_steps={10 ** 9}", "checkpoint.keep_last=1",
+    ])
+    trainer = Trainer(cfg, tmp / f"out_{kind}", progress=True)
+    full = trainer.fit()["history"]
+    hist = full[1:]  # the first window holds worker start-up and warm-up
+    if not hist:
+        raise SystemExit("--real-steps too small: need more than one log window")
+    steps = [r["step"] for r in full]
+    imgs_per_window = [2 * args.batch * (b - a) for a, b in zip(steps, steps[1:])]
+    secs = [n / r["img_per_s"] for n, r in zip(imgs_per_window, hist)]
+    ips = sum(imgs_per_window) / sum(secs)
+    wait = sum(r["data_wait"] * t for r, t in zip(hist, secs)) / sum(secs)
+    step = bench_steps(args, arms=["m2"])["arms"]["m2"]
+    return {"dataset": kind, "images": args.real_images, "workers": args.workers,
+            "augment_device": trainer.augment_mode, "steps_timed": steps[-1] - steps[0],
+            "images_per_s": ips, "data_wait_share": wait,
+            "m2_step_images_per_s": step["images_per_s"],
+            "fraction_of_m2_step_rate": ips / step["images_per_s"]}
 
 
 def main(argv=None) -> None:
@@ -228,6 +383,16 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--pipeline", action="store_true", help="also measure augmentation throughput")
     ap.add_argument("--pipeline-seconds", type=float, default=5.0)
+    ap.add_argument("--peer", choices=["lightly"], help="add a peer library's BYOL step")
+    ap.add_argument("--real", help="comma-separated: stl10 (96 px binary layout), imagefolder "
+                                   "(~500x375 JPEGs): run the trainer's loop on generated data")
+    ap.add_argument("--real-images", type=int, default=0, help="images to generate (default: "
+                    "--real-steps + 10 batches: one epoch, no worker restart)")
+    ap.add_argument("--real-steps", type=int, default=50, help="optimizer steps per --real run")
+    ap.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 2, 1),
+                    help="loader workers of the --real runs")
+    ap.add_argument("--augment-device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="data.augment_device of the --real runs")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
@@ -236,21 +401,44 @@ def main(argv=None) -> None:
     args.batch = args.batch or (128 if cuda else 16)
     big = args.arch == "resnet50"
     args.proj_hidden, args.proj_out = (4096, 256) if big else (512, 128)
+    if args.peer == "lightly":
+        try:
+            import lightly  # noqa: F401
+        except ImportError:
+            raise SystemExit("--peer lightly: lightly is not installed "
+                             "(pip install -e .[benchmarks])") from None
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "arch": args.arch, "res": args.res, "batch_per_view": args.batch,
               "compile": args.compile, "amp": "bf16" if cuda else "fp32",
               "channels_last": cuda, "command": " ".join(sys.argv)}
-    result.update(bench_steps(args))
+    if args.real:
+        import tempfile
+
+        args.real_images = args.real_images or (args.real_steps + 10) * args.batch
+        result["real"] = []
+        with tempfile.TemporaryDirectory(prefix="m2_speed_real_") as tmp:
+            for kind in args.real.split(","):
+                if kind not in ("stl10", "imagefolder"):
+                    raise SystemExit(f"--real: unknown dataset {kind!r} (stl10, imagefolder)")
+                result["real"].append(bench_real(args, kind, Path(tmp)))
+    else:
+        result.update(bench_steps(args))
     if args.pipeline:
         result["pipeline"] = bench_pipeline(args)
     print(f"{result['device']}, {args.arch} {args.res}px, {args.batch}/view, "
           f"{'compiled' if args.compile else 'eager'}, {result['amp']}")
-    print(f"{'arm':<18}{'median s/step':>14}{'images/s':>10}{'peak GiB':>10}")
-    for a, r in result["arms"].items():
-        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
-        print(f"{a:<18}{r['median_s']:>14.4f}{r['images_per_s']:>10.1f}{mem:>10}")
-    for k, v in result["ratios"].items():
-        print(f"{k:<32}{v:>8.3f}")
+    if "arms" in result:
+        print(f"{'arm':<18}{'median s/step':>14}{'images/s':>10}{'peak GiB':>10}")
+        for a, r in result["arms"].items():
+            mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
+            print(f"{a:<18}{r['median_s']:>14.4f}{r['images_per_s']:>10.1f}{mem:>10}")
+        for k, v in result["ratios"].items():
+            print(f"{k:<32}{v:>8.3f}")
+    for r in result.get("real", []):
+        print(f"real {r['dataset']} ({r['augment_device']} augmentation, {r['workers']} workers): "
+              f"{r['images_per_s']:.1f} images/s, data wait {100 * r['data_wait_share']:.1f} %, "
+              f"{r['fraction_of_m2_step_rate']:.3f} of the m2 step rate "
+              f"({r['m2_step_images_per_s']:.1f} images/s)")
     for k, v in result.get("pipeline", {}).items():
         print(f"pipeline {k:<32}{v:>8.1f}")
     if args.json:

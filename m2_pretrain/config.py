@@ -51,6 +51,10 @@ class DataConfig:
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     crop_scale_min: float = 0.08
+    # where the two-view colour augmentation runs: cpu (per image, PIL, in the loader workers),
+    # cuda (batched on the training device; workers only decode, crop and flip), auto (cuda
+    # when training on CUDA)
+    augment_device: str = "auto"
     # knn monitor / evaluation splits (labelled); empty disables
     knn_train_split: str = ""
     knn_test_split: str = ""
@@ -247,6 +251,7 @@ def validate(cfg: Config) -> None:
         "data.dataset": (cfg.data.dataset, ("embedded", "imagefolder", "stl10", "fashion_mnist")),
         "optim.name": (cfg.optim.name, ("sgd", "lars")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "data.augment_device": (cfg.data.augment_device, ("auto", "cpu", "cuda")),
     }
     for key, (val, allowed) in choices.items():
         if val not in allowed:

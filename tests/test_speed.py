@@ -30,7 +30,27 @@ def test_speed_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     assert set(res["ratios"]) == {"m2/ceiling", "m2/byol_bn", "m2_reference/m2", "mocov2_momentum/mocov2_shuffle"}
     assert res["pipeline"]["96px_pairs_per_s_per_core"] > 0
     assert res["pipeline"]["96px_pairs_per_s_per_core_torchvision_blur"] > 0
+    assert res["pipeline"]["96px_pairs_per_s_per_core_geometric"] > 0
+    assert res["pipeline"]["224px_pairs_per_s_per_core_device_half_on_cpu"] > 0
     assert "m2_reference/m2" in r.stdout
+
+
+def test_speed_real_runs_the_trainer_on_generated_stl10(tmp_path):
+    out = tmp_path / "real.json"
+    args = ["--device", "cpu", "--arch", "resnet10t", "--res", "32", "--batch", "4",
+            "--repeats", "1", "--inner", "1", "--warmup", "1", "--real", "stl10",
+            "--real-images", "40", "--real-steps", "6", "--workers", "0",
+            "--augment-device", "cuda", "--json", str(out)]
+    r = subprocess.run([sys.executable, "benchmarks/speed.py", *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (real,) = json.loads(out.read_text())["real"]
+    assert real["dataset"] == "stl10" and real["augment_device"] == "device"
+    assert real["steps_timed"] == 5  # log rows every step; the first window is dropped
+    assert real["images_per_s"] > 0 and 0 <= real["data_wait_share"] < 1
+    rate = real["fraction_of_m2_step_rate"] * real["m2_step_images_per_s"]
+    assert abs(rate - real["images_per_s"]) < 1e-6
+    assert "of the m2 step rate" in r.stdout
 
 
 def test_fused_and_reference_momentum_bn_agree():

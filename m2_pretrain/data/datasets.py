@@ -155,8 +155,10 @@ class STL10Binary(Dataset):
 
     def __getitem__(self, index: int):
         part = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        arr = np.asarray(self.images[part][index - self.offsets[part]])
-        img = Image.fromarray(np.ascontiguousarray(arr.transpose(2, 1, 0)))  # column-major
+        arr = np.asarray(self.images[part][index - self.offsets[part]]).transpose(2, 1, 0)
+        if getattr(self.transform, "accepts_array", False):  # (H, W, 3) view, no PIL image
+            return self.transform(arr), self.targets[index]
+        img = Image.fromarray(np.ascontiguousarray(arr))  # column-major on disk
         if self.transform is not None:
             img = self.transform(img)
         return img, self.targets[index]

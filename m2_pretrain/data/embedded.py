@@ -132,6 +132,8 @@ class EmbeddedShapes(Dataset):
 
     def __getitem__(self, index: int):
         s = render_sample(index, self.res, self.num_classes, self.seed)
+        if getattr(self.transform, "accepts_array", False):
+            return self.transform(s["image"]), s["label"]
         img = Image.fromarray(s["image"])
         if self.transform is not None:
             img = self.transform(img)

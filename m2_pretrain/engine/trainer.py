@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config, ConfigError, save_config
 from ..data.augment import Normalizer, TwoViewTransform
+from ..data.batch_augment import BatchTwoViewAugment, GeometricTwoView, batch_generator
 from ..data.datasets import build_dataset
 from ..eval.knn import knn_eval_encoder
 from ..models import M2Teacher
@@ -83,7 +85,9 @@ class SeededSample(Dataset):
         index, epoch = key
         h = hashlib.blake2b(f"{self.seed}/{epoch}/{index}".encode(), digest_size=8).digest()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+            # the CPU generator only: torch.manual_seed would also queue seeds for every
+            # accelerator backend, formatting a stack trace each time (~0.4 ms per sample)
+            torch.default_generator.manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
             return self.dataset[index]
 
 
@@ -173,6 +177,29 @@ def build_augmentation(cfg: Config) -> TwoViewTransform:
     return TwoViewTransform(d.res, d.crop_scale_min)
 
 
+def resolve_augment_device(kind: str, device: torch.device) -> str:
+    """``data.augment_device`` -> ``"cpu"`` (per-image pipeline in the loader workers) or
+    ``"device"`` (batched on the training device, which is the CPU itself for
+    ``train.device=cpu``: how the tests run it)."""
+    if kind == "auto":
+        return "device" if device.type == "cuda" else "cpu"
+    if kind == "cuda" and device.type != "cuda":
+        logger.info("data.augment_device=cuda on a %s run: the batched augmentation runs on the "
+                    "%s", device.type, device.type)
+    return "device" if kind == "cuda" else "cpu"
+
+
+@dataclass
+class _LogWindow:
+    """What is accumulated between two log rows (device tensors stay on the device)."""
+
+    loss_sum: torch.Tensor
+    count: int = 0
+    images: int = 0
+    wait_s: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+
 class Trainer:
     """Momentum² Teacher pretraining.
 
@@ -203,10 +230,19 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (self.cuda and cfg.train.amp) else None
 
-        # data
+        # data: the whole two-view pipeline in the loader workers, or only decode + crop + flip
+        # there and the rest batched on the device (``self.batch_aug``)
         d = cfg.data
         aug = build_augmentation(cfg)
-        base = build_dataset(d, d.split, aug)
+        self.augment_mode = resolve_augment_device(d.augment_device, self.device)
+        self.batch_aug: Optional[BatchTwoViewAugment] = None
+        if self.augment_mode == "device":
+            base = build_dataset(d, d.split, GeometricTwoView(d.res, d.crop_scale_min,
+                                                              aug.student_cfg.flip_p))
+            self.batch_aug = BatchTwoViewAugment(aug.student_cfg, aug.teacher_cfg, d.mean,
+                                                 d.std).to(self.device)
+        else:
+            base = build_dataset(d, d.split, aug)
         self.dataset = SeededSample(base, cfg.train.seed)
         self.sampler = EpochBatchSampler(len(base), cfg.train.batch_size, cfg.train.seed,
                                          self.dist.rank, self.dist.world_size)
@@ -233,15 +269,18 @@ class Trainer:
         # every trainable parameter: student (+ predictor for M2); teachers have requires_grad off
         self.optimizer = build_optimizer(cfg, [self.model], self.base_lr)
         self.step_module: nn.Module = self.model
+        self.ddp: Optional[nn.parallel.DistributedDataParallel] = None
         if self.dist.world_size > 1:
             # Per-device BN statistics (no SyncBN, no buffer broadcast), as in the paper.
-            self.step_module = nn.parallel.DistributedDataParallel(
+            self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.cuda else None,
                 broadcast_buffers=False,
             )
+            self.step_module = self.ddp
         if cfg.train.compile:
             self.step_module = torch.compile(self.step_module)
         self.step = 0  # optimizer steps done
+        self.micro = 0  # micro-batches consumed (continuous across epochs)
         self._stop_signal: Optional[int] = None
         self.history: list[dict] = []
 
@@ -319,121 +358,186 @@ class Trainer:
                           pin_memory=d.pin_memory and self.cuda, collate_fn=collate_pairs,
                           persistent_workers=False)
 
+    # ------------------------------------------------------------------ loop steps
+    # fit() = while not done: run_step() (next batch -> augment -> forward/backward, accum
+    # times; then the optimizer and EMA step) and after_step() (the host sync, log,
+    # checkpoint). Only after_step() reads device values on the host, and only when it logs,
+    # checkpoints or stops.
+    def _micro_batches(self) -> Iterator:
+        """Micro-batches from ``self.micro`` on, across epochs; waiting time goes to the log
+        window."""
+        while True:
+            epoch, start = divmod(self.micro, self.batches_per_epoch)
+            t = time.perf_counter()
+            for batch in self._loader(epoch, start):
+                self._window.wait_s += time.perf_counter() - t
+                yield batch
+                t = time.perf_counter()
+
+    def next_batch(self):
+        """The next micro-batch of uint8 view pairs from the loader."""
+        return next(self._batches)
+
+    def _memory_format(self) -> torch.memory_format:
+        if self.cuda and self.cfg.train.channels_last:
+            return torch.channels_last
+        return torch.contiguous_format
+
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalizer(x.to(self.device, non_blocking=True))
-        if self.cuda and self.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.contiguous(memory_format=self._memory_format())
 
-    def fit(self) -> dict:
-        """Train until ``total_steps``. Returns a summary dict.
+    def augment(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views on the device, normalised; with the device pipeline, also colour-augmented with
+        parameters drawn from a generator keyed by ``(seed, rank, micro-batch)``."""
+        v1, v2 = batch
+        if self.batch_aug is None:
+            return self._to_device(v1), self._to_device(v2)
+        # the loader yields (B, H, W, 3) uint8; as NCHW this is channels_last already
+        v1 = v1.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        v2 = v2.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        g = batch_generator(self.cfg.train.seed, self.dist.rank, self.micro)
+        return self.batch_aug(v1, v2, g, self._memory_format())
 
-        Raises:
-            NonFiniteLossError: when the loss becomes NaN/inf (no checkpoint is written after it).
-        """
-        cfg = self.cfg
-        accum = cfg.train.accum_steps
+    def forward_backward(self, v1: torch.Tensor, v2: torch.Tensor, sync: bool) -> torch.Tensor:
+        """Loss of one micro-batch and its backward (scaled by 1/accum). Under DDP, ``sync``
+        False skips the gradient all-reduce (micro-batches before the last of a step)."""
+        skip_reduce = self.ddp is not None and not sync
+        with self.ddp.no_sync() if skip_reduce else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss = self.step_module(v1, v2)["loss"]
+            (loss / self.cfg.train.accum_steps).backward()
+        return loss.detach()
+
+    def optimizer_step(self, one_minus_m: float) -> None:
+        """Gradient clipping, optimizer step, zeroing, then the teacher's EMA step."""
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_teacher(one_minus_m)
+
+    def run_step(self) -> None:
+        """One optimizer step: ``accum_steps`` micro-batches, then the optimizer and EMA."""
+        k = self.step
+        accum = self.cfg.train.accum_steps
+        self._schedule = self._set_schedules(k)
+        for i in range(accum):
+            v1, v2 = self.augment(self.next_batch())
+            loss = self.forward_backward(v1, v2, sync=i == accum - 1)
+            self.micro += 1
+            bad = ~torch.isfinite(loss)
+            self._first_bad = torch.where(bad & (self._first_bad < 0),
+                                          torch.full_like(self._first_bad, k), self._first_bad)
+            self._window.loss_sum += loss
+            self._window.count += 1
+            self._window.images += 2 * v1.shape[0] * self.dist.world_size
+        self.optimizer_step(self._schedule[1])
+        self.step += 1
+
+    def _host_sync_checks(self) -> None:
+        """Checks that read device values; run only when logging, checkpointing or stopping."""
+        fb = int(self._first_bad)
+        if fb >= 0:
+            raise NonFiniteLossError(
+                f"loss became non-finite at step {fb}; stopping. The last good checkpoint in "
+                f"{self.out} is kept (lower the learning rate or check the data)")
+        self._check_finite_state()
+
+    def log(self) -> None:
+        """One history row (mean loss over the window, images/s, data-wait share)."""
+        w, now = self._window, time.perf_counter()
+        lr, one_minus_m, alpha = self._schedule
+        mean_loss = (w.loss_sum / max(w.count, 1)).item()
+        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": mean_loss,
+               "lr": lr, "m": 1 - one_minus_m, "alpha": alpha,
+               "img_per_s": w.images / max(now - w.t0, 1e-9),
+               "data_wait": w.wait_s / max(now - w.t0, 1e-9)}
+        self.history.append(row)
+        if self._writer is not None:
+            for key in ("loss", "lr", "m", "alpha", "img_per_s", "data_wait"):
+                self._writer.add_scalar(f"train/{key}", row[key], self.step)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}",
+                                  m=f"{1 - one_minus_m:.4f}", alpha=f"{alpha:.3f}",
+                                  ips=f"{row['img_per_s']:.0f}",
+                                  wait=f"{100 * row['data_wait']:.0f}%")
+        self._window = _LogWindow(torch.zeros((), device=self.device))
+
+    def after_step(self) -> None:
+        """Host sync and checks, log row, progress, kNN monitor, checkpoint, as due."""
+        done = self.step >= self.total_steps
+        log_now = self.step % self.cfg.train.log_every == 0 or done
+        ckpt_now = self.step % self.cfg.checkpoint.every_steps == 0 or done
+        stop_now = self._stop_signal is not None
+        if log_now or ckpt_now or stop_now:
+            self._host_sync_checks()
+        if log_now:
+            self.log()
+        if self._bar is not None:
+            self._bar.update(1)
+        if self._knn_due():
+            self._knn_monitor(self._writer)
+        if ckpt_now or stop_now:
+            self.save_checkpoint()
+
+    @contextlib.contextmanager
+    def _fit_session(self):
+        """Signal handlers, TensorBoard writer, progress bar and the data iterator for fit()."""
         old_handlers = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 old_handlers[sig] = signal.signal(sig, self._handle_signal)
             except ValueError:  # not in the main thread
                 pass
-        writer = None
+        self._writer = self._bar = None
         if self.dist.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                writer = SummaryWriter(str(self.out / "tb"))
+                self._writer = SummaryWriter(str(self.out / "tb"))
             except ImportError:
                 logger.warning("tensorboard not installed: no TensorBoard scalars")
-        bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", dynamic_ncols=True)
-        self.model.train()
-        status = "completed"
-        first_bad = torch.tensor(-1, device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        loss_count = 0
-        t_log, wait_time, imgs = time.perf_counter(), 0.0, 0
-        micro = self.step * accum  # micro-batches consumed; continuous across epochs
+            self._bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain",
+                             dynamic_ncols=True)
+        self.micro = self.step * self.cfg.train.accum_steps
+        self._first_bad = torch.tensor(-1, device=self.device)
+        self._window = _LogWindow(torch.zeros((), device=self.device))
+        self._batches = self._micro_batches()
         try:
+            yield
+        finally:
+            self._batches.close()  # shuts the loader's workers down
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            if self._bar is not None:
+                self._bar.close()
+            if self._writer is not None:
+                self._writer.close()
+
+    def fit(self) -> dict:
+        """Train until ``total_steps`` (or a SIGTERM/SIGINT, after a checkpoint).
+
+        Returns:
+            ``{"status", "step", "total_steps", "history"}``.
+
+        Raises:
+            NonFiniteLossError: when the loss becomes NaN/inf (no checkpoint is written after it).
+        """
+        status = "completed"
+        with self._fit_session():
+            self.model.train()
             while self.step < self.total_steps and self._stop_signal is None:
-                epoch, start = divmod(micro, self.batches_per_epoch)
-                t_wait = time.perf_counter()
-                for v1, v2 in self._loader(epoch, start):
-                    wait_time += time.perf_counter() - t_wait
-                    k = self.step
-                    lr, one_minus_m, alpha = self._set_schedules(k)
-                    v1, v2 = self._to_device(v1), self._to_device(v2)
-                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                        enabled=self.amp_dtype is not None):
-                        loss = self.step_module(v1, v2)["loss"]
-                    (loss / accum).backward()
-                    micro += 1
-                    bad = ~torch.isfinite(loss.detach())
-                    first_bad = torch.where(bad & (first_bad < 0), torch.tensor(k, device=self.device), first_bad)
-                    loss_sum += loss.detach()
-                    loss_count += 1
-                    imgs += 2 * v1.shape[0] * self.dist.world_size
-                    if micro % accum == 0:
-                        if cfg.train.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(
-                                [p for p in self.model.parameters() if p.requires_grad],
-                                cfg.train.grad_clip)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.model.update_teacher(one_minus_m)
-                        self.step += 1
-                        log_now = self.step % cfg.train.log_every == 0 or self.step == self.total_steps
-                        ckpt_now = self.step % cfg.checkpoint.every_steps == 0 or self.step == self.total_steps
-                        stop_now = self._stop_signal is not None
-                        if log_now or ckpt_now or stop_now:
-                            fb = int(first_bad)  # host sync only here
-                            if fb >= 0:
-                                raise NonFiniteLossError(
-                                    f"loss became non-finite at step {fb}; stopping. The last good "
-                                    f"checkpoint in {self.out} is kept (lower the learning rate or "
-                                    f"check the data)")
-                            self._check_finite_state()
-                        if log_now:
-                            now = time.perf_counter()
-                            mean_loss = (loss_sum / max(loss_count, 1)).item()
-                            row = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                   "loss": mean_loss, "lr": lr, "m": 1 - one_minus_m, "alpha": alpha,
-                                   "img_per_s": imgs / max(now - t_log, 1e-9),
-                                   "data_wait": wait_time / max(now - t_log, 1e-9)}
-                            self.history.append(row)
-                            if writer is not None:
-                                for key in ("loss", "lr", "m", "alpha", "img_per_s", "data_wait"):
-                                    writer.add_scalar(f"train/{key}", row[key], self.step)
-                            if bar is not None:
-                                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", m=f"{1 - one_minus_m:.4f}",
-                                                alpha=f"{alpha:.3f}", ips=f"{row['img_per_s']:.0f}",
-                                                wait=f"{100 * row['data_wait']:.0f}%")
-                            loss_sum.zero_()
-                            loss_count, imgs, wait_time, t_log = 0, 0, 0.0, now
-                        if bar is not None:
-                            bar.update(1)
-                        if self._knn_due():
-                            self._knn_monitor(writer)
-                        if ckpt_now or stop_now:
-                            self.save_checkpoint()
-                        if stop_now or self.step >= self.total_steps:
-                            break
-                    t_wait = time.perf_counter()
+                self.run_step()
+                self.after_step()
             if self._stop_signal is not None:
                 status = f"interrupted by signal {self._stop_signal}"
                 logger.warning("%s: checkpoint saved at step %d in %s", status, self.step, self.out)
-        finally:
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
         return {"status": status, "step": self.step, "total_steps": self.total_steps,
                 "history": self.history}
 
