@@ -96,7 +96,7 @@ BUDGETS = {
                 warmup_steps=5,
                 workers=1, arms=["random", "sync/sync", "bn/bn", "bn/momentum", "bn/bn@16",
                                  "bn/momentum@16", "bn/bn@64", "bn/momentum@64"],
-                eval_train=4000, eval_test=4000, recount_images=2560, device="cpu"),
+                eval_train=3000, eval_test=3000, recount_images=2560, device="cpu"),
     "gpu": dict(arch="resnet18", res=64, steps=600, monitor_every=100, seeds=3, jobs=10,
                 warmup_steps=60,
                 workers=1, arms=list(ARMS), eval_train=10000, eval_test=10000,
