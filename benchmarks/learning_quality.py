@@ -97,8 +97,10 @@ BUDGETS = {
                 workers=1, arms=["random", "sync/sync", "bn/bn", "bn/momentum", "bn/bn@16",
                                  "bn/momentum@16", "bn/bn@64", "bn/momentum@64"],
                 eval_train=3000, eval_test=3000, recount_images=2560, device="cpu"),
-    "gpu": dict(arch="resnet18", res=64, steps=600, monitor_every=100, seeds=3, jobs=10,
-                warmup_steps=60,
+    # 33 runs as 3 waves of 11 processes; sized by the CPU augmentation (~16k views/s on 16
+    # cores at 64 px, not the GPU): ~300 steps x 512 views per run and wave in ~2.5 min
+    "gpu": dict(arch="resnet18", res=64, steps=300, monitor_every=50, seeds=3, jobs=11,
+                warmup_steps=30,
                 workers=1, arms=list(ARMS), eval_train=10000, eval_test=10000,
                 recount_images=10240, device="cuda"),
 }
@@ -209,7 +211,8 @@ def arm_config(args, arm: str, seed: int):
         f"model.arch={args.arch}", "model.proj_hidden=512", "model.proj_out=128",
         "model.pred_hidden=512", f"model.student_norm={s_norm}", f"model.teacher_norm={t_norm}",
         "data.dataset=fashion_mnist", f"data.root={args.root}", "data.split=train",
-        f"data.res={args.res}", f"data.workers={args.workers}", f"data.crop_scale_min={args.crop_min}",
+        f"data.res={args.res}", f"data.workers={args.workers}",
+        f"data.crop_scale_min={args.crop_min}",
         "data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]",
         "data.knn_train_split=train", "data.knn_test_split=test",
         f"knn.every_epochs={args.monitor_every / steps_per_epoch}",
@@ -307,7 +310,8 @@ def write_report(args, rows: list[dict], out: Path, wall: float) -> None:
     for arm in ARMS:
         if arm in summ:
             s = summ[arm]
-            lines.append(f"| {arm_label(arm)} | {cell(s['knn_exported'])} | {cell(s['knn_recounted'])} "
+            lines.append(f"| {arm_label(arm)} | {cell(s['knn_exported'])} "
+                         f"| {cell(s['knn_recounted'])} "
                          f"| {cell(s['linear_exported'])} | {cell(s['linear_recounted'])} "
                          f"| {PAPER.get(arm, '–')} |")
     lines += ["", "Paper: T1 = Table 1 (STL10, ResNet-18, 400 epochs, 32 images per GPU); "
@@ -340,7 +344,8 @@ def plot(args, rows, summ, out: Path) -> None:
         ax1.plot(steps[:n], mean, marker="o", ms=3, label=arm_label(arm),
                  ls="-" if ARMS[arm][2] == 32 else "--")
     if "random" in summ:
-        ax1.axhline(summ["random"]["knn_exported"]["mean"], color="grey", lw=0.8, label="random init")
+        ax1.axhline(summ["random"]["knn_exported"]["mean"], color="grey", lw=0.8,
+                    label="random init")
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("kNN top-1 (%), teacher, eval mode")
     ax1.set_title("kNN monitor (mean over seeds)", fontsize=9)
@@ -356,7 +361,8 @@ def plot(args, rows, summ, out: Path) -> None:
     ax2.set_xticks(range(len(all_arms)), [a for a in all_arms], rotation=40, ha="right", fontsize=7)
     lo = min(summ[a][k]["mean"] for a in all_arms for k, _ in keys)
     ax2.set_ylim(max(lo - 10, 0), 100)
-    ax2.set_title(f"exported teacher, {args.steps} steps ({args.steps * args.global_batch / 60000:.2f} "
+    epochs = args.steps * args.global_batch / 60000
+    ax2.set_title(f"exported teacher, {args.steps} steps ({epochs:.2f} "
                   f"epochs), {args.seeds} seeds", fontsize=9)
     ax2.legend(fontsize=6)
     fig.suptitle(f"Table 1/4 in miniature: Fashion-MNIST, {args.arch} {args.res} px, global batch "
@@ -368,11 +374,13 @@ def plot(args, rows, summ, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: the budget's")
     ap.add_argument("--steps", type=int, help="optimizer steps per run (budget's default)")
     ap.add_argument("--seeds", type=int)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. +seeds-1")
     ap.add_argument("--arch")
     ap.add_argument("--res", type=int)
     ap.add_argument("--monitor-every", type=int, help="kNN monitor period in steps")
@@ -395,7 +403,8 @@ def parse(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
-                    help="only write the report from the runs of earlier learning_quality.json files")
+                    help="only write the report from the runs of earlier learning_quality.json "
+                    "files")
     ap.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--one-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -425,13 +434,19 @@ def main(argv=None) -> None:
         return
     if args.merge:  # e.g. the Table 1 rows and the Table 4 sweep run as two invocations
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        # partial_results.json (a list of runs, written after each run) counts as well
+        parts = [p if isinstance(p, dict) else
+                 {"runs": p, "meta": {"command": "(stopped early)", "wall_seconds": 0.0}}
+                 for p in parts]
         rows = [r for part in parts for r in part["runs"]]
         args.commands = [part["meta"]["command"] for part in parts]
         args.cpu_seconds = sum(part["meta"].get("cpu_seconds", 0.0) for part in parts)
-        write_report(args, rows, Path(args.out), sum(part["meta"]["wall_seconds"] for part in parts))
+        wall = sum(part["meta"]["wall_seconds"] for part in parts)
+        write_report(args, rows, Path(args.out), wall)
         return
     t0 = time.time()
-    runs = [(arm, seed) for seed in range(args.seeds) for arm in args.arms]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = [(arm, seed) for seed in seeds for arm in args.arms]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -296,6 +296,10 @@ class Trainer:
         if saved.model != self.cfg.model:
             raise RuntimeError(f"{path}: its model config differs from the current one; "
                                "resume with the same model settings or a new --output-dir")
+        if bn_groups(saved) != bn_groups(self.cfg):
+            raise RuntimeError(f"{path} was trained with {bn_groups(saved)} BN groups per batch, the "
+                               f"current config has {bn_groups(self.cfg)}; resume with the same "
+                               "train.batch_size / train.bn_group_size or a new --output-dir")
         self.model.student.load_state_dict(ckpt["student"])
         self.model.teacher.load_state_dict(ckpt["teacher"])
         if hasattr(self.model, "predictor"):

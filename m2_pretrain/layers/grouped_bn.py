@@ -61,7 +61,8 @@ class GroupedBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ValueError(
-                f"GroupedBatchNorm expected input (B, {self.num_features}, ...), got {tuple(x.shape)}"
+                f"GroupedBatchNorm expected input (B, {self.num_features}, ...), "
+                f"got {tuple(x.shape)}"
             )
         use_batch = self.training or not self.track_running_stats
         factor = 0.0
