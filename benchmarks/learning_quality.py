@@ -92,15 +92,18 @@ PAPER = {
     "bn/bn@16": "– (T4: BYOL not run below 64)",
 }
 BUDGETS = {
-    "cpu": dict(arch="test_resnet", res=32, steps=30, monitor_every=10, seeds=3, jobs=1,
-                warmup_steps=5,
-                workers=1, arms=["random", "sync/sync", "bn/bn", "bn/momentum", "bn/bn@16",
-                                 "bn/momentum@16", "bn/bn@64", "bn/momentum@64"],
-                eval_train=3000, eval_test=3000, recount_images=2560, device="cpu"),
+    # ~1470 CPU-s measured for 8 trained runs + 3 random-init ones (contended machine):
+    # 21 + 3 runs ~ 3700 CPU-s, i.e. ~30 min on 2 idle cores (an upper estimate)
+    "cpu": dict(arch="test_resnet", res=32, steps=20, monitor_every=5, seeds=3, jobs=1,
+                warmup_steps=3, workers=1,
+                arms=["random", "sync/sync", "bn/bn", "bn/momentum", "bn/bn@16",
+                      "bn/momentum@16", "bn/bn@64", "bn/momentum@64"],
+                eval_train=2000, eval_test=2000, recount_images=1024, monitor_train=1000,
+                monitor_test=1000, device="cpu"),
     # 33 runs as 3 waves of 11 processes; sized by the CPU augmentation (~16k views/s on 16
     # cores at 64 px, not the GPU): ~300 steps x 512 views per run and wave in ~2.5 min
     "gpu": dict(arch="resnet18", res=64, steps=300, monitor_every=50, seeds=3, jobs=11,
-                warmup_steps=30,
+                warmup_steps=30, monitor_train=2000, monitor_test=2000,
                 workers=1, arms=list(ARMS), eval_train=10000, eval_test=10000,
                 recount_images=10240, device="cuda"),
 }
@@ -298,19 +301,21 @@ def write_report(args, rows: list[dict], out: Path, wall: float) -> None:
     cell = lambda s: f"{s['mean']:.1f} ± {s['std']:.1f}"  # noqa: E731
     lines = [
         f"Fashion-MNIST, {args.arch} at {args.res} px, {args.steps} steps x {args.global_batch} "
-        f"images per view ({epochs:.2f} epochs), mean ± std over {args.seeds} seeds; "
+        f"images per view ({epochs:.2f} epochs), mean ± std over the seeds listed; "
         f"scores of the exported teacher (group 0's BN statistics) on {args.eval_test} test images "
         f"(kNN / probe trained on {args.eval_train} train images); 'recounted' = BN statistics "
         f"recounted on {args.recount_images} train images.",
         "",
-        "| student / teacher BN, group | kNN exported | kNN recounted | linear exported "
+        "| student / teacher BN, group | seeds | kNN exported | kNN recounted | linear exported "
         "| linear recounted | paper top-1 |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
+    seeds_of = {arm: sorted(r["seed"] for r in rows if r["arm"] == arm) for arm in summ}
     for arm in ARMS:
         if arm in summ:
             s = summ[arm]
-            lines.append(f"| {arm_label(arm)} | {cell(s['knn_exported'])} "
+            lines.append(f"| {arm_label(arm)} | {','.join(map(str, seeds_of[arm]))} "
+                         f"| {cell(s['knn_exported'])} "
                          f"| {cell(s['knn_recounted'])} "
                          f"| {cell(s['linear_exported'])} | {cell(s['linear_recounted'])} "
                          f"| {PAPER.get(arm, '–')} |")
@@ -390,8 +395,8 @@ def parse(argv=None):
     ap.add_argument("--eval-train", type=int)
     ap.add_argument("--eval-test", type=int)
     ap.add_argument("--recount-images", type=int)
-    ap.add_argument("--monitor-train", type=int, default=2000)
-    ap.add_argument("--monitor-test", type=int, default=2000)
+    ap.add_argument("--monitor-train", type=int)
+    ap.add_argument("--monitor-test", type=int)
     ap.add_argument("--probe-epochs", type=int, default=30)
     ap.add_argument("--global-batch", type=int, default=256, help="images per view per step")
     ap.add_argument("--lr", type=float, default=0.4, help="SGD lr per 256 images")
@@ -405,6 +410,9 @@ def parse(argv=None):
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only write the report from the runs of earlier learning_quality.json "
                     "files")
+    ap.add_argument("--merge-commands", nargs="+", help="the merged runs' commands (for the record)")
+    ap.add_argument("--merge-cpu-seconds", type=float, help="their CPU time, if not in the files")
+    ap.add_argument("--merge-wall-seconds", type=float, help="their wall time, if not in the files")
     ap.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--one-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -439,9 +447,10 @@ def main(argv=None) -> None:
                  {"runs": p, "meta": {"command": "(stopped early)", "wall_seconds": 0.0}}
                  for p in parts]
         rows = [r for part in parts for r in part["runs"]]
-        args.commands = [part["meta"]["command"] for part in parts]
-        args.cpu_seconds = sum(part["meta"].get("cpu_seconds", 0.0) for part in parts)
-        wall = sum(part["meta"]["wall_seconds"] for part in parts)
+        args.commands = args.merge_commands or [part["meta"]["command"] for part in parts]
+        args.cpu_seconds = args.merge_cpu_seconds or sum(part["meta"].get("cpu_seconds", 0.0)
+                                                         for part in parts)
+        wall = args.merge_wall_seconds or sum(part["meta"]["wall_seconds"] for part in parts)
         write_report(args, rows, Path(args.out), wall)
         return
     t0 = time.time()

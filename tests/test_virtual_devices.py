@@ -126,6 +126,10 @@ def test_sync_normalises_the_whole_batch_and_bn_per_group():
         grouped(v1[:6], v2[:6])
     with pytest.raises(ValueError, match="unknown norm"):
         apply_norm(nn.BatchNorm2d(3), "ghost")
+    # across processes 'sync' is SyncBatchNorm (timm's BatchNormAct2d included)
+    enc = apply_norm(timm.create_model("resnet10t", num_classes=0), "sync", distributed=True)
+    assert not any(type(m) is nn.BatchNorm2d for m in enc.modules())
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in enc.modules()) > 5
 
 
 def test_sampler_groups_hold_what_each_rank_holds():
