@@ -367,8 +367,10 @@ def plot(args, rows, summ, out: Path) -> None:
     lo = min(summ[a][k]["mean"] for a in all_arms for k, _ in keys)
     ax2.set_ylim(max(lo - 10, 0), 100)
     epochs = args.steps * args.global_batch / 60000
+    ns = sorted({summ[a]["knn_exported"]["n"] for a in all_arms})
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     ax2.set_title(f"exported teacher, {args.steps} steps ({epochs:.2f} "
-                  f"epochs), {args.seeds} seeds", fontsize=9)
+                  f"epochs), {seeds} seeds", fontsize=9)
     ax2.legend(fontsize=6)
     fig.suptitle(f"Table 1/4 in miniature: Fashion-MNIST, {args.arch} {args.res} px, global batch "
                  f"{args.global_batch} ({args.device})", fontsize=10)
