@@ -1,17 +1,39 @@
-"""Learning-quality benchmark: "Table 1 / Table 4 in miniature" on Fashion-MNIST.
+"""Learning-quality benchmark: the paper's Table 1 (and Table 4) in miniature, on Fashion-MNIST.
 
-Arms, each with the same budget (optimizer steps, per-step batch per view):
-  * ``m2``      — Momentum² Teacher (teacher with Momentum BN),
-  * ``byol_bn`` — BYOL with a plain-BN teacher (per-view train-mode BN),
-  * ``random``  — the same encoder at random initialisation (no training).
-Score: weighted kNN top-1 (k=200, T=0.1) of the exported *teacher* encoder, trained on a
-10k-image subset of the training split and tested on the 10k test images. Over several seeds
-and per-step batches (16 and 32: the paper's small-batch regime). Not a test: it takes time.
+The paper's gain lives where each GPU normalises a small batch while the optimiser averages
+the gradients of all GPUs. One process reproduces that regime with virtual devices
+(``train.bn_group_size``): a global batch of 256 images per view, split into BN groups of 32
+(8 "devices"), the rows differing only in where BN statistics come from:
 
-    python benchmarks/learning_quality.py                       # default CPU budget (< 30 min)
-    python benchmarks/learning_quality.py --steps 5000 --seeds 5 --device cuda   # a long run
+  SyncBN/SyncBN, BN/SyncBN, SyncBN/BN, BN/BN, BN/Momentum BN, SyncBN/Momentum BN  (Table 1)
+  BN/BN and BN/Momentum BN at groups of 16 and 64                                    (Table 4)
 
-Writes ``--out`` (default benchmarks/results/): learning_quality.json, .md and .png.
+Every arm has the same budget (optimizer steps, global batch, schedules, seeds). Scores, on
+fixed subsets of Fashion-MNIST train (features/probe training) and test: weighted kNN
+(k=200, T=0.1) and a linear probe (BN without affine + linear, SGD, precomputed features) of
+the *exported* teacher (``m2-pretrain export``: group 0's BN statistics, as rank 0 would save),
+both as exported and after recounting its BN statistics on training images (so a BN
+calibration difference is not read as a feature difference); plus the kNN monitor along the
+run (teacher, eval mode) as a curve per arm.
+
+Budgets (``--budget``):
+  cpu (default): ``test_resnet`` (timm's 0.4M-parameter ResNet) at 32 px, the 7 Table-1/4 arms
+      listed by ``--arms`` default, 3 seeds, ~30 minutes on an idle 2-core machine.
+  gpu: ResNet-18 (the paper's encoder) at 64 px, all 10 arms x 3 seeds as parallel processes,
+      sized to finish within 10 minutes on one H100/H200 (an estimate; see the README).
+
+Encoder/resolution: 28 px Fashion-MNIST through an ImageNet stem (stride 4) leaves 7x7 maps
+after the stem and 1x1 in the last stage. The GPU budget upsamples to 64 px in the crop
+(16, 8, 4, 2 px maps in the four stages, like a CIFAR ResNet at 32 px) and keeps the stock
+timm ResNet-18, so the export loads into ``timm.create_model('resnet18')`` unchanged. The CPU
+budget cannot afford that (ResNet-18 at 64 px: ~5 s per forward+backward of 256 images on
+2 cores); it uses 32 px (8, 4, 2, 1) and a tiny ResNet.
+
+    python benchmarks/learning_quality.py                       # CPU budget
+    python benchmarks/learning_quality.py --budget gpu          # GPU budget (one H100/H200)
+
+Writes ``--out`` (default benchmarks/results/): learning_quality.json (raw runs, curves,
+command, settings), learning_quality.md (the table beside the paper's) and learning_quality.png.
 Fashion-MNIST: ``apt-get install dataset-fashion-mnist`` (Debian) or ``--root`` with idx files.
 """
 
@@ -20,92 +42,295 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m2_pretrain.config import load_config  # noqa: E402
-from m2_pretrain.data.datasets import FASHION_MNIST_DEFAULT_ROOT  # noqa: E402
+from m2_pretrain.data.augment import Normalizer, eval_transform  # noqa: E402
+from m2_pretrain.data.datasets import FASHION_MNIST_DEFAULT_ROOT, build_dataset  # noqa: E402
+from m2_pretrain.engine.checkpoint import list_checkpoints  # noqa: E402
 from m2_pretrain.engine.trainer import Trainer  # noqa: E402
-from m2_pretrain.eval.knn import knn_eval_encoder  # noqa: E402
+from m2_pretrain.eval.common import load_encoder  # noqa: E402
+from m2_pretrain.eval.knn import knn_accuracy  # noqa: E402
+from m2_pretrain.eval.protocols import recount_bn_statistics  # noqa: E402
+from m2_pretrain.export import export_encoder  # noqa: E402
+from m2_pretrain.models.encoder import create_encoder  # noqa: E402
+from m2_pretrain.models.schedules import cosine_decay  # noqa: E402
 
-ARMS = ("random", "byol_bn", "m2")
-ARM_LABEL = {"random": "random init", "byol_bn": "BYOL, BN teacher", "m2": "M2 Teacher (Momentum BN)"}
+# arm name -> (student norm, teacher norm, BN group size; 0 = no training)
+ARMS = {
+    "random": ("-", "-", 0),
+    "sync/sync": ("sync", "sync", 32),
+    "bn/sync": ("bn", "sync", 32),
+    "sync/bn": ("sync", "bn", 32),
+    "bn/bn": ("bn", "bn", 32),
+    "bn/momentum": ("bn", "momentum", 32),
+    "sync/momentum": ("sync", "momentum", 32),
+    "bn/bn@16": ("bn", "bn", 16),
+    "bn/momentum@16": ("bn", "momentum", 16),
+    "bn/bn@64": ("bn", "bn", 64),
+    "bn/momentum@64": ("bn", "momentum", 64),
+}
+LABEL = {"random": "random init", "sync": "SyncBN", "bn": "BN", "momentum": "Momentum BN"}
+# Paper: Table 1 (STL10, ResNet-18, 400 epochs, 32 images per GPU per view, linear top-1) and
+# Table 4 (ImageNet, ResNet-50, 300 epochs, linear top-1 by per-GPU batch; BYOL = BN/BN).
+PAPER = {
+    "sync/sync": "88.06 (T1)", "bn/sync": "87.80 (T1)", "sync/bn": "87.12 (T1)",
+    "bn/bn": "84.16 (T1)", "bn/momentum": "88.18 (T1)", "sync/momentum": "88.25 (T1)",
+    "bn/momentum@16": "68.3 (T4)", "bn/bn@64": "59.7 (T4)", "bn/momentum@64": "72.6 (T4)",
+    "bn/bn@16": "– (T4: BYOL not run below 64)",
+}
+BUDGETS = {
+    # ~1470 CPU-s measured for 8 trained runs + 3 random-init ones (contended machine):
+    # 21 + 3 runs ~ 3700 CPU-s, i.e. ~30 min on 2 idle cores (an upper estimate)
+    "cpu": dict(arch="test_resnet", res=32, steps=20, monitor_every=5, seeds=3, jobs=1,
+                warmup_steps=3, workers=1,
+                arms=["random", "sync/sync", "bn/bn", "bn/momentum", "bn/bn@16",
+                      "bn/momentum@16", "bn/bn@64", "bn/momentum@64"],
+                eval_train=2000, eval_test=2000, recount_images=1024, monitor_train=1000,
+                monitor_test=1000, device="cpu"),
+    # 33 runs as 3 waves of 11 processes; sized by the CPU augmentation (~16k views/s on 16
+    # cores at 64 px, not the GPU): ~300 steps x 512 views per run and wave in ~2.5 min
+    "gpu": dict(arch="resnet18", res=64, steps=300, monitor_every=50, seeds=3, jobs=11,
+                warmup_steps=30, monitor_train=2000, monitor_test=2000,
+                workers=1, arms=list(ARMS), eval_train=10000, eval_test=10000,
+                recount_images=10240, device="cuda"),
+}
 
 
-def arm_config(args, arm: str, batch: int, seed: int):
+def arm_label(arm: str) -> str:
+    s, t, g = ARMS[arm]
+    return LABEL["random"] if arm == "random" else f"{LABEL[s]} / {LABEL[t]}, groups of {g}"
+
+
+# ----------------------------------------------------------------------------- evaluation
+_EVAL_CACHE: dict = {}
+
+
+def eval_tensors(args, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images of a fixed permutation of ``split``, eval transform, uint8."""
+    key = (split, n, args.res)
+    if key not in _EVAL_CACHE:
+        cfg = load_config(None, ["data.dataset=fashion_mnist", f"data.root={args.root}"])
+        ds = build_dataset(cfg.data, split, eval_transform(args.res))
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+        xs, ys = zip(*(ds[i] for i in idx))
+        _EVAL_CACHE[key] = (torch.stack(xs), torch.as_tensor(ys).long())
+    return _EVAL_CACHE[key]
+
+
+@torch.no_grad()
+def features(encoder: nn.Module, x: torch.Tensor, norm: nn.Module, device, bs: int = 512):
+    encoder.eval()
+    return torch.cat([encoder(norm(x[i:i + bs].to(device))).float().cpu()
+                      for i in range(0, len(x), bs)])
+
+
+def linear_probe(ftr, ltr, fte, lte, epochs: int, lr_per_256: float = 0.5, bs: int = 256,
+                 seed: int = 0) -> float:
+    """The toolkit's linear protocol on precomputed features: BN (no affine) -> linear,
+    SGD 0.9, no wd, cosine lr. Returns test top-1 (%)."""
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(ftr.shape[1], affine=False), nn.Linear(ftr.shape[1], 10))
+    nn.init.normal_(head[1].weight, std=0.01, generator=g)
+    nn.init.zeros_(head[1].bias)
+    lr = lr_per_256 * bs / 256
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    loader = DataLoader(TensorDataset(ftr, ltr), batch_size=bs, shuffle=True, drop_last=True,
+                        generator=g)
+    total, step = epochs * len(loader), 0
+    head.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            for group in opt.param_groups:
+                group["lr"] = cosine_decay(step, total, lr)
+            loss = F.cross_entropy(head(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    with torch.no_grad():
+        return 100.0 * (head(fte).argmax(1) == lte).float().mean().item()
+
+
+def score(args, encoder: nn.Module, device) -> dict:
+    """kNN and linear probe (test subset) of ``encoder`` as it is."""
+    norm = Normalizer([0.286] * 3, [0.353] * 3).to(device)
+    xtr, ltr = eval_tensors(args, "train", args.eval_train)
+    xte, lte = eval_tensors(args, "test", args.eval_test)
+    ftr, fte = features(encoder, xtr, norm, device), features(encoder, xte, norm, device)
+    knn = knn_accuracy(F.normalize(ftr, dim=1), ltr, F.normalize(fte, dim=1), lte, 10, 200, 0.1)
+    return {"knn": knn["top1"], "linear": linear_probe(ftr, ltr, fte, lte, args.probe_epochs)}
+
+
+def recount(args, encoder: nn.Module, device) -> int:
+    """Recount BN statistics on ``recount_images`` training images (exact averages over
+    batches of 256, the per-view global batch)."""
+    norm = Normalizer([0.286] * 3, [0.353] * 3).to(device)
+    x, y = eval_tensors(args, "train", max(args.recount_images, args.eval_train))
+    loader = DataLoader(TensorDataset(x[-args.recount_images:], y[-args.recount_images:]),
+                        batch_size=256)
+    return recount_bn_statistics(encoder, loader, norm, device)
+
+
+# ----------------------------------------------------------------------------- one run
+class MonitoredTrainer(Trainer):
+    """Trainer whose kNN monitor scores the teacher on the benchmark's cached subsets."""
+
+    bench_args = None
+
+    def knn_eval(self, which: str = "teacher") -> dict[str, float]:
+        enc = getattr(self.model, which).encoder
+        was = enc.training
+        a = self.bench_args
+        norm = Normalizer([0.286] * 3, [0.353] * 3).to(self.device)
+        xtr, ltr = eval_tensors(a, "train", a.monitor_train)
+        xte, lte = eval_tensors(a, "test", a.monitor_test)
+        ftr = F.normalize(features(enc, xtr, norm, self.device), dim=1)
+        fte = F.normalize(features(enc, xte, norm, self.device), dim=1)
+        enc.train(was)
+        out = knn_accuracy(ftr, ltr, fte, lte, 10, 200, 0.1)
+        self.curve.append((self.step, out["top1"]))
+        return out
+
+
+def arm_config(args, arm: str, seed: int):
+    s_norm, t_norm, group = ARMS[arm]
+    batch = args.global_batch
+    steps_per_epoch = 60000 // batch
     overrides = [
         f"model.arch={args.arch}", "model.proj_hidden=512", "model.proj_out=128",
-        "model.pred_hidden=512", f"model.teacher_norm={'bn' if arm == 'byol_bn' else 'momentum'}",
+        "model.pred_hidden=512", f"model.student_norm={s_norm}", f"model.teacher_norm={t_norm}",
         "data.dataset=fashion_mnist", f"data.root={args.root}", "data.split=train",
-        f"data.res={args.res}", f"data.workers={args.workers}", f"data.crop_scale_min={args.crop_min}",
+        f"data.res={args.res}", f"data.workers={args.workers}",
+        f"data.crop_scale_min={args.crop_min}",
         "data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]",
         "data.knn_train_split=train", "data.knn_test_split=test",
-        "knn.k=200", "knn.temperature=0.1", f"knn.max_train={args.knn_train}",
+        f"knn.every_epochs={args.monitor_every / steps_per_epoch}",
         f"optim.base_lr={args.lr}", "optim.lr_reference_batch=256", "optim.weight_decay=1e-4",
-        f"optim.warmup_epochs={args.warmup_steps / max(60000 // batch, 1)}",
-        f"train.max_steps={args.steps}", f"train.batch_size={batch}", f"train.seed={seed}",
+        f"optim.warmup_epochs={args.warmup_steps / steps_per_epoch}",
+        f"train.max_steps={args.steps}", f"train.batch_size={batch}",
+        f"train.bn_group_size={group}", f"train.seed={seed}",
         f"train.m_base={args.m_base}", f"train.device={args.device}",
-        f"train.log_every={max(args.steps // 10, 1)}",
+        f"train.log_every={args.monitor_every}",
         f"checkpoint.every_steps={args.steps}", "checkpoint.keep_last=1",
     ]
     return load_config(None, overrides)
 
 
-def run_arm(args, arm: str, batch: int, seed: int) -> dict:
-    cfg = arm_config(args, arm, batch, seed)
+def run_arm(args, arm: str, seed: int) -> dict:
     device = torch.device(args.device)
     t0 = time.time()
+    row = {"arm": arm, "seed": seed, "student_norm": ARMS[arm][0], "teacher_norm": ARMS[arm][1],
+           "bn_group_size": ARMS[arm][2]}
     if arm == "random":
         torch.manual_seed(seed)
-        enc = timm.create_model(args.arch, num_classes=0, pretrained=False)
-        loss = None
+        enc = create_encoder(args.arch).to(device)
+        row["curve"], row["final_loss"], row["epochs"] = [], None, 0.0
     else:
-        run_dir = Path(args.work) / f"{arm}_b{batch}_s{seed}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own scratch: train afresh
-        trainer = Trainer(cfg, run_dir, progress=args.progress)
+        cfg = arm_config(args, arm, seed)
+        work = Path(args.work) / f"{arm.replace('/', '-')}_s{seed}"
+        shutil.rmtree(work, ignore_errors=True)  # the benchmark's own scratch: train afresh
+        MonitoredTrainer.bench_args = args
+        trainer = MonitoredTrainer(cfg, work, progress=args.progress)
+        trainer.curve = []
         result = trainer.fit()
-        enc = trainer.model.teacher.encoder  # what `m2-pretrain export` writes (eval-mode BN)
-        loss = result["history"][-1]["loss"]
-    knn = knn_eval_encoder(enc, cfg.data, cfg.knn, device)
-    return {"arm": arm, "batch": batch, "seed": seed, "top1": knn["top1"], "top5": knn["top5"],
-            "final_loss": loss, "seconds": round(time.time() - t0, 1)}
+        ckpt = list_checkpoints(work)[-1]
+        meta = export_encoder(ckpt, work / "teacher.pth")  # group 0's statistics
+        enc, _ = load_encoder(work / "teacher.pth")  # stock timm model, strict load
+        enc = enc.to(device)
+        row.update(curve=trainer.curve, final_loss=result["history"][-1]["loss"],
+                   epochs=args.steps * args.global_batch / 60000,
+                   bn_statistics=meta.get("bn_statistics", "single device"))
+    row["exported"] = score(args, enc, device)
+    row["bn_layers_recounted"] = recount(args, enc, device)
+    row["recounted"] = score(args, enc, device)
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
 
 
+# ----------------------------------------------------------------------------- report
 def summarise(rows: list[dict]) -> dict:
-    out = {}
+    out: dict = {}
     for r in rows:
-        out.setdefault(f"{r['arm']}@{r['batch']}", []).append(r["top1"])
-    return {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                "n": len(v)} for k, v in out.items()}
+        d = out.setdefault(r["arm"], {})
+        for kind in ("exported", "recounted"):
+            for metric in ("knn", "linear"):
+                d.setdefault(f"{metric}_{kind}", []).append(r[kind][metric])
+    return {arm: {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                      "n": len(v)} for k, v in d.items()} for arm, d in out.items()}
 
 
-def write_report(args, rows: list[dict], out: Path) -> None:
+def _cpu_seconds() -> float:
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+def write_report(args, rows: list[dict], out: Path, wall: float) -> None:
     summ = summarise(rows)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join(sys.argv), "steps": args.steps, "arch": args.arch, "res": args.res,
-            "lr_per_256": args.lr, "m_base": args.m_base, "device": args.device,
-            "torch": torch.__version__}
-    (out / "learning_quality.json").write_text(json.dumps({"meta": meta, "runs": rows, "summary": summ}, indent=2))
-    lines = [f"kNN top-1 (%) on Fashion-MNIST test, mean ± std over {args.seeds} seeds, "
-             f"{args.steps} steps, {args.arch} at {args.res} px",
-             "", "| arm | " + " | ".join(f"batch {b}" for b in args.batches) + " |",
-             "|---|" + "---|" * len(args.batches)]
+    epochs = args.steps * args.global_batch / 60000
+    meta = {"command": " ".join(["python", "benchmarks/learning_quality.py"] + sys.argv[1:]),
+            "budget": args.budget, "arch": args.arch, "res": args.res, "steps": args.steps,
+            "global_batch_per_view": args.global_batch, "epochs": epochs, "seeds": args.seeds,
+            "lr_per_256": args.lr, "m_base": args.m_base, "warmup_steps": args.warmup_steps,
+            "eval_train_images": args.eval_train, "eval_test_images": args.eval_test,
+            "recount_images": args.recount_images, "probe_epochs": args.probe_epochs,
+            "device": args.device, "torch": torch.__version__, "wall_seconds": round(wall, 1),
+            # CPU time of this process and its children (all runs): on a loaded machine,
+            # cpu_seconds / cores estimates the wall time on an idle one
+            "cpu_seconds": round(getattr(args, "cpu_seconds", None) or _cpu_seconds(), 1),
+            "cpu_count": os.cpu_count()}
+    if getattr(args, "commands", None):
+        meta["command"] = " && ".join(args.commands)
+    (out / "learning_quality.json").write_text(
+        json.dumps({"meta": meta, "runs": rows, "summary": summ}, indent=2))
+    cell = lambda s: f"{s['mean']:.1f} ± {s['std']:.1f}"  # noqa: E731
+    lines = [
+        f"Fashion-MNIST, {args.arch} at {args.res} px, {args.steps} steps x {args.global_batch} "
+        f"images per view ({epochs:.2f} epochs), mean ± std over the seeds listed; "
+        f"scores of the exported teacher (group 0's BN statistics) on {args.eval_test} test images "
+        f"(kNN / probe trained on {args.eval_train} train images); 'recounted' = BN statistics "
+        f"recounted on {args.recount_images} train images.",
+        "",
+        "| student / teacher BN, group | seeds | kNN exported | kNN recounted | linear exported "
+        "| linear recounted | paper top-1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    seeds_of = {arm: sorted(r["seed"] for r in rows if r["arm"] == arm) for arm in summ}
     for arm in ARMS:
-        cells = []
-        for b in args.batches:
-            s = summ.get(f"{arm}@{b}")
-            cells.append(f"{s['mean']:.1f} ± {s['std']:.1f}" if s else "–")
-        lines.append(f"| {ARM_LABEL[arm]} | " + " | ".join(cells) + " |")
+        if arm in summ:
+            s = summ[arm]
+            lines.append(f"| {arm_label(arm)} | {','.join(map(str, seeds_of[arm]))} "
+                         f"| {cell(s['knn_exported'])} "
+                         f"| {cell(s['knn_recounted'])} "
+                         f"| {cell(s['linear_exported'])} | {cell(s['linear_recounted'])} "
+                         f"| {PAPER.get(arm, '–')} |")
+    lines += ["", "Paper: T1 = Table 1 (STL10, ResNet-18, 400 epochs, 32 images per GPU); "
+              "T4 = Table 4 (ImageNet, ResNet-50, 300 epochs, linear top-1 by per-GPU batch).",
+              f"Command: `{meta['command']}` ({wall / 60:.1f} min wall, "
+              f"{meta['cpu_seconds'] / 60:.1f} CPU-min on {args.device}, {os.cpu_count()} cores)."]
     (out / "learning_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(args, rows, summ, out)
+
+
+def plot(args, rows, summ, out: Path) -> None:
     try:
         import matplotlib
 
@@ -114,63 +339,163 @@ def write_report(args, rows: list[dict], out: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    width = 0.8 / len(ARMS)
-    for i, arm in enumerate(ARMS):
-        means = [summ.get(f"{arm}@{b}", {}).get("mean", 0) for b in args.batches]
-        stds = [summ.get(f"{arm}@{b}", {}).get("std", 0) for b in args.batches]
-        xs = [j + (i - (len(ARMS) - 1) / 2) * width for j in range(len(args.batches))]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=ARM_LABEL[arm])
-        for x, m in zip(xs, means):
-            ax.text(x, m + 0.5, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(args.batches)), [f"batch {b} per step" for b in args.batches])
-    ax.set_ylabel("kNN top-1 (%)")
-    lo = min(r["top1"] for r in rows)
-    ax.set_ylim(max(lo - 10, 0), 100)
-    ax.set_title(f"Fashion-MNIST, {args.steps} steps, {args.seeds} seeds ({args.device})", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = [a for a in ARMS if a in summ and a != "random"]
+    for arm in arms:
+        curves = [r["curve"] for r in rows if r["arm"] == arm and r["curve"]]
+        if not curves:
+            continue
+        steps = [s for s, _ in curves[0]]
+        n = min(len(c) for c in curves)
+        mean = [statistics.mean(c[i][1] for c in curves) for i in range(n)]
+        ax1.plot(steps[:n], mean, marker="o", ms=3, label=arm_label(arm),
+                 ls="-" if ARMS[arm][2] == 32 else "--")
+    if "random" in summ:
+        ax1.axhline(summ["random"]["knn_exported"]["mean"], color="grey", lw=0.8,
+                    label="random init")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("kNN top-1 (%), teacher, eval mode")
+    ax1.set_title("kNN monitor (mean over seeds)", fontsize=9)
+    ax1.legend(fontsize=6)
+    keys = [("knn_exported", "kNN exported"), ("knn_recounted", "kNN recounted"),
+            ("linear_exported", "linear exported"), ("linear_recounted", "linear recounted")]
+    all_arms = [a for a in ARMS if a in summ]
+    width = 0.8 / len(keys)
+    for i, (k, lab) in enumerate(keys):
+        xs = [j + (i - 1.5) * width for j in range(len(all_arms))]
+        ax2.bar(xs, [summ[a][k]["mean"] for a in all_arms], width,
+                yerr=[summ[a][k]["std"] for a in all_arms], capsize=2, label=lab)
+    ax2.set_xticks(range(len(all_arms)), [a for a in all_arms], rotation=40, ha="right", fontsize=7)
+    lo = min(summ[a][k]["mean"] for a in all_arms for k, _ in keys)
+    ax2.set_ylim(max(lo - 10, 0), 100)
+    epochs = args.steps * args.global_batch / 60000
+    ns = sorted({summ[a]["knn_exported"]["n"] for a in all_arms})
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    ax2.set_title(f"exported teacher, {args.steps} steps ({epochs:.2f} "
+                  f"epochs), {seeds} seeds", fontsize=9)
+    ax2.legend(fontsize=6)
+    fig.suptitle(f"Table 1/4 in miniature: Fashion-MNIST, {args.arch} {args.res} px, global batch "
+                 f"{args.global_batch} ({args.device})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "learning_quality.png", dpi=120)
     print(f"wrote {out / 'learning_quality.png'}")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", "--budget", type=int, default=200, help="optimizer steps per run")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--batches", type=int, nargs="+", default=[16, 32])
-    ap.add_argument("--arch", default="resnet10t")
-    ap.add_argument("--res", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.4, help="SGD lr per 256 images (linear scaling)")
+# ----------------------------------------------------------------------------- driver
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: the budget's")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (budget's default)")
+    ap.add_argument("--seeds", type=int)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. +seeds-1")
+    ap.add_argument("--arch")
+    ap.add_argument("--res", type=int)
+    ap.add_argument("--monitor-every", type=int, help="kNN monitor period in steps")
+    ap.add_argument("--jobs", type=int, help="runs in parallel (separate processes)")
+    ap.add_argument("--device")
+    ap.add_argument("--workers", type=int, help="DataLoader workers per run")
+    ap.add_argument("--eval-train", type=int)
+    ap.add_argument("--eval-test", type=int)
+    ap.add_argument("--recount-images", type=int)
+    ap.add_argument("--monitor-train", type=int)
+    ap.add_argument("--monitor-test", type=int)
+    ap.add_argument("--probe-epochs", type=int, default=30)
+    ap.add_argument("--global-batch", type=int, default=256, help="images per view per step")
+    ap.add_argument("--lr", type=float, default=0.4, help="SGD lr per 256 images")
     ap.add_argument("--m-base", type=float, default=0.01, help="initial 1 - m of the EMA")
-    ap.add_argument("--warmup-steps", type=int, default=20)
+    ap.add_argument("--warmup-steps", type=int)
     ap.add_argument("--crop-min", type=float, default=0.2)
-    ap.add_argument("--knn-train", type=int, default=10000)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--root", default=FASHION_MNIST_DEFAULT_ROOT)
     ap.add_argument("--work", default="output/learning_quality")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only write the report from the runs of earlier learning_quality.json "
+                    "files")
+    ap.add_argument("--merge-commands", nargs="+", help="the merged runs' commands (for the record)")
+    ap.add_argument("--merge-cpu-seconds", type=float, help="their CPU time, if not in the files")
+    ap.add_argument("--merge-wall-seconds", type=float, help="their wall time, if not in the files")
+    ap.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for k, v in BUDGETS[args.budget].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def _child_argv(args, arm: str, seed: int, out: Path) -> list[str]:
+    keys = ("budget", "steps", "seeds", "arch", "res", "monitor_every", "device", "workers",
+            "eval_train", "eval_test", "recount_images", "monitor_train", "monitor_test",
+            "probe_epochs", "global_batch", "lr", "m_base", "warmup_steps", "crop_min", "root",
+            "work")
+    argv = [sys.executable, str(Path(__file__).resolve())]
+    for k in keys:
+        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return argv + ["--one", arm, str(seed), "--one-out", str(out)]
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
     logging.basicConfig(level=logging.WARNING)
-    rows = []
-    for batch in args.batches:
-        for seed in range(args.seeds):
-            for arm in ARMS:
-                r = run_arm(args, arm, batch, seed)
-                rows.append(r)
-                print(f"{arm:>8} batch {batch:>3} seed {seed}: kNN top-1 {r['top1']:.2f} "
-                      f"top-5 {r['top5']:.2f} ({r['seconds']:.0f} s)", flush=True)
-                write_report_quiet(args, rows)
-    write_report(args, rows, Path(args.out))
+    if args.one:
+        row = run_arm(args, args.one[0], int(args.one[1]))
+        Path(args.one_out).write_text(json.dumps(row))
+        return
+    if args.merge:  # e.g. the Table 1 rows and the Table 4 sweep run as two invocations
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        # partial_results.json (a list of runs, written after each run) counts as well
+        parts = [p if isinstance(p, dict) else
+                 {"runs": p, "meta": {"command": "(stopped early)", "wall_seconds": 0.0}}
+                 for p in parts]
+        rows = [r for part in parts for r in part["runs"]]
+        args.commands = args.merge_commands or [part["meta"]["command"] for part in parts]
+        args.cpu_seconds = args.merge_cpu_seconds or sum(part["meta"].get("cpu_seconds", 0.0)
+                                                         for part in parts)
+        wall = args.merge_wall_seconds or sum(part["meta"]["wall_seconds"] for part in parts)
+        write_report(args, rows, Path(args.out), wall)
+        return
+    t0 = time.time()
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = [(arm, seed) for seed in seeds for arm in args.arms]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    from tqdm import tqdm
 
-
-def write_report_quiet(args, rows):
-    """Keep partial results on disk (no lost work if the run is stopped)."""
-    out = Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "partial_results.json").write_text(json.dumps(rows, indent=2))
+    bar = tqdm(total=len(runs), desc="runs", dynamic_ncols=True)
+    if args.jobs <= 1:
+        for arm, seed in runs:
+            rows.append(run_arm(args, arm, seed))
+            r = rows[-1]
+            bar.write(f"{arm:>15} seed {seed}: kNN {r['exported']['knn']:.1f} / recounted "
+                      f"{r['recounted']['knn']:.1f}, linear {r['exported']['linear']:.1f} / "
+                      f"{r['recounted']['linear']:.1f} ({r['seconds']:.0f} s)")
+            bar.update(1)
+            (work / "partial_results.json").write_text(json.dumps(rows, indent=2))
+    else:  # separate processes sharing the device
+        pending, active = list(runs), []
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.jobs))}
+        while pending or active:
+            while pending and len(active) < args.jobs:
+                arm, seed = pending.pop(0)
+                out = work / f"row_{arm.replace('/', '-')}_s{seed}.json"
+                log = open(work / f"log_{arm.replace('/', '-')}_s{seed}.txt", "w")
+                active.append((subprocess.Popen(_child_argv(args, arm, seed, out), env=env,
+                                                stdout=log, stderr=subprocess.STDOUT), out, log))
+            time.sleep(2)
+            for p, out, log in list(active):
+                if p.poll() is not None:
+                    active.remove((p, out, log))
+                    log.close()
+                    if p.returncode != 0:
+                        raise RuntimeError(f"run {out.name} failed; see {log.name} in {work}")
+                    rows.append(json.loads(out.read_text()))
+                    bar.update(1)
+    bar.close()
+    write_report(args, rows, Path(args.out), time.time() - t0)
 
 
 if __name__ == "__main__":

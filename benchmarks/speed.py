@@ -7,6 +7,8 @@ Arms (synthetic batches already on the device; median of interleaved repeats):
   m2               full Momentum² Teacher step as the trainer runs it (fused Momentum BN)
   m2_reference     the same step with an authors'-style Momentum BN (per-view calls, separate
                    mean/var passes, Python-side state, lazy commit)
+  m2_grouped       the m2 step with virtual devices (train.bn_group_size): per-group BN in the
+                   student and Momentum BN per group in the teacher, one forward for all groups
   mocov2_shuffle   MoCo v2 step, shuffle-BN key encoder        (--moco)
   mocov2_momentum  MoCo v2 step, Momentum BN (alpha 0.064) key  (--moco)
   lightly_byol     the BYOL step built from lightly's modules   (--peer lightly; needs the
@@ -24,7 +26,8 @@ at 96 px; an ImageFolder of about 500x375 JPEGs), and reports images/s, the shar
 spent waiting for data, and images/s as a fraction of the m2 step rate measured in the same
 process (the step on device-resident batches).
 
-Ratios printed: m2/ceiling, m2/byol_bn, m2_reference/m2 (and mocov2_momentum/mocov2_shuffle).
+Ratios printed: m2/ceiling, m2/byol_bn, m2_reference/m2, m2_grouped/m2 (and
+mocov2_momentum/mocov2_shuffle).
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class LightlyBYOL(nn.Module):
         self._update_momentum(self.projection_head, self.projection_head_momentum, m=1 - one_minus_m)
 
 
-def make_arm(name: str, arch: str, heads: dict, batch: int) -> nn.Module:
+def make_arm(name: str, arch: str, heads: dict, batch: int, bn_group_size: int = 0) -> nn.Module:
     if name == "ceiling":
         return Ceiling(arch)
     if name == "byol_bn":
@@ -139,6 +142,11 @@ def make_arm(name: str, arch: str, heads: dict, batch: int) -> nn.Module:
         return ReferenceM2Teacher(arch, **heads)
     if name == "lightly_byol":
         return LightlyBYOL(arch, **heads)
+    if name == "m2_grouped":
+        if not bn_group_size or batch % bn_group_size:
+            raise ValueError(f"--bn-group-size must divide --batch ({batch}), got {bn_group_size}")
+        return M2Teacher(arch, teacher_norm="momentum", student_norm="bn",
+                         bn_groups=batch // bn_group_size, **heads)
     if name.startswith("mocov2_"):
         return MoCoV2(arch, queue_size=65536, key_norm="shuffle_bn" if name.endswith("shuffle") else "momentum",
                       shuffle_splits=max(1, min(8, batch // 2)))  # >= 2 images per sub-batch
@@ -184,14 +192,15 @@ def bench_steps(args, arms: list[str] | None = None) -> dict:
     amp = torch.bfloat16 if cuda else None
     heads = dict(proj_hidden=args.proj_hidden, proj_out=args.proj_out, pred_hidden=args.proj_hidden)
     if arms is None:
-        arms = ["ceiling", "byol_bn", "m2", "m2_reference"]
+        arms = ["ceiling", "byol_bn", "m2", "m2_reference", "m2_grouped"]
         arms += ["mocov2_shuffle", "mocov2_momentum"] if args.moco else []
         arms += ["lightly_byol"] if args.peer == "lightly" else []
     torch.manual_seed(0)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     v1 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
     v2 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
-    steps = {a: Step(a, make_arm(a, args.arch, heads, args.batch), device, amp, cuda, args.compile) for a in arms}
+    steps = {a: Step(a, make_arm(a, args.arch, heads, args.batch, args.bn_group_size), device, amp,
+                     cuda, args.compile) for a in arms}
     peak = {}
     for a, st in steps.items():  # warm-up (and compilation), peak memory per arm
         if cuda:
@@ -210,7 +219,7 @@ def bench_steps(args, arms: list[str] | None = None) -> dict:
             sync(device)
             times[a].append((time.perf_counter() - t0) / args.inner)
     med = {a: statistics.median(t) for a, t in times.items()}
-    pairs = [("m2", "ceiling"), ("m2", "byol_bn"), ("m2_reference", "m2"),
+    pairs = [("m2", "ceiling"), ("m2", "byol_bn"), ("m2_reference", "m2"), ("m2_grouped", "m2"),
              ("mocov2_momentum", "mocov2_shuffle"), ("m2", "lightly_byol"),
              ("byol_bn", "lightly_byol")]
     ratios = {f"{a}/{b}": med[a] / med[b] for a, b in pairs if a in med and b in med}
@@ -376,6 +385,8 @@ def main(argv=None) -> None:
     ap.add_argument("--arch")
     ap.add_argument("--res", type=int)
     ap.add_argument("--batch", type=int, help="images per view")
+    ap.add_argument("--bn-group-size", type=int,
+                    help="m2_grouped arm's BN group (default: a quarter of --batch, 32 on CUDA)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--moco", action="store_true", help="add the MoCo v2 arms (shuffle BN vs Momentum BN)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -399,6 +410,8 @@ def main(argv=None) -> None:
     args.arch = args.arch or ("resnet50" if cuda else "resnet18")
     args.res = args.res or (224 if cuda else 64)
     args.batch = args.batch or (128 if cuda else 16)
+    args.bn_group_size = args.bn_group_size or (32 if cuda and args.batch % 32 == 0
+                                                else max(args.batch // 4, 2))
     big = args.arch == "resnet50"
     args.proj_hidden, args.proj_out = (4096, 256) if big else (512, 128)
     if args.peer == "lightly":
@@ -409,6 +422,7 @@ def main(argv=None) -> None:
                              "(pip install -e .[benchmarks])") from None
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "arch": args.arch, "res": args.res, "batch_per_view": args.batch,
+              "bn_group_size": args.bn_group_size,
               "compile": args.compile, "amp": "bf16" if cuda else "fp32",
               "channels_last": cuda, "command": " ".join(sys.argv)}
     if args.real:

@@ -25,7 +25,10 @@ class ModelConfig:
     proj_hidden: int = 512
     proj_out: int = 128
     pred_hidden: int = 512
-    teacher_norm: str = "momentum"  # "momentum" (Momentum BN) or "bn" (BYOL baseline)
+    # where BN statistics come from (Table 1's rows): per device "bn", whole batch "sync",
+    # teacher only: "momentum" (Momentum BN per device); see train.bn_group_size
+    teacher_norm: str = "momentum"  # momentum | bn (BYOL baseline) | sync
+    student_norm: str = "bn"  # bn | sync
     alpha_base: float = 1.0  # Momentum BN: initial weight of the current batch
     # MoCo v2 (method: mocov2)
     moco_dim: int = 128
@@ -78,6 +81,9 @@ class TrainConfig:
     max_steps: int = 0  # >0 overrides epochs (in optimizer steps)
     batch_size: int = 32  # per device, per view
     accum_steps: int = 1  # gradient accumulation; schedules step per optimizer step
+    # virtual devices: >0 splits each view's batch into groups of this size whose per-device
+    # BN statistics are kept apart as that many devices would (0 = the process is one device)
+    bn_group_size: int = 0
     m_base: float = 0.032  # initial 1 - m of the parameter EMA, at m_base_reference_batch
     # momentum equivalence rule (paper 4.2): m_base is scaled by global_batch / this; 0 = off
     m_base_reference_batch: int = 0
@@ -243,11 +249,14 @@ def config_from_dict(data: dict) -> Config:
 
 
 def validate(cfg: Config) -> None:
+    from .layers.norms import KEY_NORMS, STUDENT_NORMS, TEACHER_NORMS
+
     choices = {
         "model.method": (cfg.model.method, ("m2", "mocov2")),
-        "model.key_norm": (cfg.model.key_norm, ("shuffle_bn", "momentum", "bn")),
+        "model.key_norm": (cfg.model.key_norm, KEY_NORMS),
         "train.m_schedule": (cfg.train.m_schedule, ("cosine", "constant")),
-        "model.teacher_norm": (cfg.model.teacher_norm, ("momentum", "bn")),
+        "model.teacher_norm": (cfg.model.teacher_norm, TEACHER_NORMS),
+        "model.student_norm": (cfg.model.student_norm, STUDENT_NORMS),
         "data.dataset": (cfg.data.dataset, ("embedded", "imagefolder", "stl10", "fashion_mnist")),
         "optim.name": (cfg.optim.name, ("sgd", "lars")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
@@ -267,6 +276,16 @@ def validate(cfg: Config) -> None:
     for key, val in positive.items():
         if val <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {val}")
+    g = cfg.train.bn_group_size
+    if g < 0:
+        raise ConfigError(f"config key 'train.bn_group_size' must be >= 0, got {g}")
+    if g > 0 and cfg.train.batch_size % g != 0:
+        raise ConfigError(
+            f"config key 'train.bn_group_size' ({g}) must divide train.batch_size "
+            f"({cfg.train.batch_size}); use a batch size that is a multiple of the group size")
+    if g > 0 and cfg.model.method != "m2":
+        raise ConfigError("config key 'train.bn_group_size' is supported for model.method=m2 only; "
+                          "set it to 0")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ConfigError("config key 'train.epochs' must be positive (or set train.max_steps)")
     if not 0.0 <= cfg.train.m_base <= 1.0:

@@ -12,6 +12,8 @@ from .engine.checkpoint import CKPT_RE, CheckpointError, atomic_save, safe_load
 
 # Momentum BN bookkeeping that a plain timm BatchNorm does not have.
 _MOMENTUM_BN_ONLY = ("alpha",)
+# Per-group (virtual device) running statistics have shape (G, C); row 0 is rank 0's.
+_PER_GROUP_STATS = ("running_mean", "running_var")
 
 
 def is_training_checkpoint(obj) -> bool:
@@ -25,7 +27,8 @@ def default_branch(ckpt: dict) -> str:
 
 def encoder_state_from_checkpoint(ckpt: dict, which: str | None = None) -> dict[str, torch.Tensor]:
     """The ``which`` branch's encoder weights with timm's names (no heads, no Momentum BN state).
-    ``which=None`` picks ``default_branch``."""
+    ``which=None`` picks ``default_branch``. Per-group BN statistics (``train.bn_group_size``)
+    are exported as group 0's: what rank 0 saves in a real multi-GPU run."""
     which = which or default_branch(ckpt)
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
@@ -37,8 +40,11 @@ def encoder_state_from_checkpoint(ckpt: dict, which: str | None = None) -> dict[
         if not k.startswith(prefix):
             continue  # projector
         name = k[len(prefix):]
-        if name.rsplit(".", 1)[-1] in _MOMENTUM_BN_ONLY:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _MOMENTUM_BN_ONLY:
             continue
+        if leaf in _PER_GROUP_STATS and v.dim() == 2:
+            v = v[0].clone()
         out[name] = v
     if not out:
         raise CheckpointError(f"checkpoint has no '{which}' encoder weights")
@@ -92,6 +98,9 @@ def export_encoder(ckpt_path: str | Path, out: str | Path, which: str | None = N
     meta.update({"which": which, "step": int(ckpt.get("step", -1)),
                  "total_steps": int(ckpt.get("total_steps", -1)),
                  "source": str(Path(ckpt_path).resolve()), "format": "timm_state_dict"})
+    if int(meta.get("bn_groups", 1)) > 1:
+        meta["bn_statistics"] = (f"group 0 of {meta['bn_groups']} virtual devices "
+                                 "(what rank 0 saves in a multi-GPU run)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_save(sd, out)
     with open(meta_path(out), "w") as f:

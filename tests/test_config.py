@@ -18,7 +18,19 @@ def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match="'train.amp' expects true/false"):
         load_config(None, ["train.amp=3"])
     with pytest.raises(ConfigError, match="'model.teacher_norm' must be one of"):
-        load_config(None, ["model.teacher_norm=sync"])
+        load_config(None, ["model.teacher_norm=shuffle_bn"])
+    with pytest.raises(ConfigError, match="'model.student_norm' must be one of"):
+        load_config(None, ["model.student_norm=momentum"])
+
+
+def test_bn_group_size_must_divide_batch():
+    cfg = load_config(None, ["train.batch_size=64", "train.bn_group_size=16",
+                             "model.student_norm=sync", "model.teacher_norm=bn"])
+    assert cfg.train.bn_group_size == 16 and cfg.model.student_norm == "sync"
+    with pytest.raises(ConfigError, match="'train.bn_group_size' \\(24\\) must divide"):
+        load_config(None, ["train.batch_size=64", "train.bn_group_size=24"])
+    with pytest.raises(ConfigError, match="'train.bn_group_size' is supported for model.method=m2"):
+        load_config(None, ["model.method=mocov2", "train.bn_group_size=16"])
 
 
 def test_overrides_and_round_trip(tmp_path):

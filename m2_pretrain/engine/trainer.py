@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, config_from_dict, save_config
 from ..data.augment import Normalizer, TwoViewTransform
 from ..data.batch_augment import BatchTwoViewAugment, GeometricTwoView, batch_generator
 from ..data.datasets import build_dataset
@@ -26,7 +26,12 @@ from ..models import M2Teacher
 from ..models.mocov2 import MoCoV2
 from ..models import schedules as S
 from .checkpoint import capture_rng_state, restore_rng_state, save_rotating
-from .run_dir import check_resume_config, claim_output_dir, find_resume_checkpoint
+from .run_dir import (
+    ResumeConfigError,
+    check_resume_config,
+    claim_output_dir,
+    find_resume_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +97,20 @@ class SeededSample(Dataset):
 
 
 class EpochBatchSampler(Sampler):
-    """Shuffled, rank-sharded batches of ``(index, epoch)`` keys, startable mid-epoch."""
+    """Shuffled, rank-sharded batches of ``(index, epoch)`` keys, startable mid-epoch.
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    With ``groups > 1`` (virtual devices) the process holds devices ``rank * groups + k``,
+    ``k < groups``, of ``world * groups``, and its batch is their batches one after the other;
+    device ``d`` always draws ``perm[d :: world * groups]``. So one process with a batch of
+    ``groups * b`` sees, group by group, what ``groups`` processes with a batch of ``b`` see.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 groups: int = 1) -> None:
+        if batch_size % groups != 0:
+            raise ValueError(f"batch size {batch_size} is not divisible into {groups} groups")
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.groups = groups
         self.batches_per_epoch = n // (batch_size * world)
         if self.batches_per_epoch == 0:
             raise ConfigError(
@@ -112,9 +127,11 @@ class EpochBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)[: self.batches_per_epoch * self.batch_size * self.world]
-        mine = perm[self.rank :: self.world].tolist()
+        g, devices = self.groups, self.world * self.groups
+        per = self.batch_size // g
+        mine = [perm[self.rank * g + k :: devices].tolist() for k in range(g)]
         for b in range(self.start, self.batches_per_epoch):
-            yield [(i, self.epoch) for i in mine[b * self.batch_size : (b + 1) * self.batch_size]]
+            yield [(i, self.epoch) for dev in mine for i in dev[b * per : (b + 1) * per]]
 
 
 def collate_pairs(batch):
@@ -160,12 +177,21 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
-def build_model(cfg: Config) -> nn.Module:
+def bn_groups(cfg: Config) -> int:
+    """Virtual devices per view batch (``train.batch_size / train.bn_group_size``, or 1)."""
+    g = cfg.train.bn_group_size
+    return cfg.train.batch_size // g if g > 0 else 1
+
+
+def build_model(cfg: Config, distributed: bool = False) -> nn.Module:
+    """The model named by ``cfg.model``; ``distributed`` turns ``sync`` norms into SyncBatchNorm."""
     m = cfg.model
     if m.method == "mocov2":
         return MoCoV2(m.arch, m.moco_dim, m.moco_hidden, m.moco_queue, m.moco_temperature,
                       m.key_norm, m.key_alpha, m.shuffle_splits)
-    return M2Teacher(m.arch, m.proj_hidden, m.proj_out, m.pred_hidden, m.teacher_norm, m.alpha_base)
+    return M2Teacher(m.arch, m.proj_hidden, m.proj_out, m.pred_hidden, m.teacher_norm, m.alpha_base,
+                     student_norm=m.student_norm, bn_groups=bn_groups(cfg),
+                     distributed=distributed)
 
 
 def build_augmentation(cfg: Config) -> TwoViewTransform:
@@ -245,7 +271,7 @@ class Trainer:
             base = build_dataset(d, d.split, aug)
         self.dataset = SeededSample(base, cfg.train.seed)
         self.sampler = EpochBatchSampler(len(base), cfg.train.batch_size, cfg.train.seed,
-                                         self.dist.rank, self.dist.world_size)
+                                         self.dist.rank, self.dist.world_size, bn_groups(cfg))
         self.batches_per_epoch = self.sampler.batches_per_epoch
         self.steps_per_epoch = max(self.batches_per_epoch // cfg.train.accum_steps, 1)
         if cfg.train.max_steps > 0:
@@ -262,7 +288,12 @@ class Trainer:
                                          cfg.train.m_base_reference_batch)
 
         # model
-        self.model = build_model(cfg).to(self.device)
+        distributed = self.dist.world_size > 1
+        if distributed and not self.cuda and "sync" in (cfg.model.student_norm, cfg.model.teacher_norm):
+            raise RuntimeError("model.student_norm/teacher_norm=sync across processes needs CUDA "
+                               "(torch's SyncBatchNorm); on CPU use one process with "
+                               "train.bn_group_size")
+        self.model = build_model(cfg, distributed).to(self.device)
         self.normalizer = Normalizer(d.mean, d.std).to(self.device)
         if self.cuda and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -271,7 +302,8 @@ class Trainer:
         self.step_module: nn.Module = self.model
         self.ddp: Optional[nn.parallel.DistributedDataParallel] = None
         if self.dist.world_size > 1:
-            # Per-device BN statistics (no SyncBN, no buffer broadcast), as in the paper.
+            # Per-device BN statistics (no buffer broadcast), as in the paper; "sync" norms
+            # are SyncBatchNorm layers already.
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.cuda else None,
                 broadcast_buffers=False,
@@ -306,7 +338,10 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "meta": {"arch": self.cfg.model.arch, "mean": list(self.cfg.data.mean),
                      "std": list(self.cfg.data.std), "method": self.cfg.model.method,
-                     "teacher_norm": self.cfg.model.teacher_norm},
+                     "teacher_norm": self.cfg.model.teacher_norm,
+                     "student_norm": self.cfg.model.student_norm,
+                     "bn_group_size": self.cfg.train.bn_group_size,
+                     "bn_groups": bn_groups(self.cfg)},
         }
 
     def _resume(self) -> None:
@@ -316,6 +351,11 @@ class Trainer:
             return
         path, ckpt = found
         check_resume_config(ckpt["config"], self.cfg, path, self.allow_config_changes)
+        saved = config_from_dict(ckpt["config"])
+        if bn_groups(saved) != bn_groups(self.cfg):
+            raise ResumeConfigError(f"{path} was trained with {bn_groups(saved)} BN groups per batch, the "
+                               f"current config has {bn_groups(self.cfg)}; resume with the same "
+                               "train.batch_size / train.bn_group_size or a new --output-dir")
         self.model.student.load_state_dict(ckpt["student"])
         self.model.teacher.load_state_dict(ckpt["teacher"])
         if hasattr(self.model, "predictor"):

@@ -16,11 +16,14 @@ def _copy_bn_state(src: _BatchNorm, dst: MomentumBatchNorm) -> None:
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
         if src.track_running_stats and src.running_mean is not None:
-            dst.running_mean.copy_(src.running_mean)
-            dst.running_var.copy_(src.running_var)
+            # one group's (C,) statistics start every group's row; equal shapes copy as is
+            dst.running_mean.copy_(src.running_mean.expand_as(dst.running_mean))
+            dst.running_var.copy_(src.running_var.expand_as(dst.running_var))
 
 
-def convert_momentum_bn(module: nn.Module, num_views: int = 1, alpha: float = 1.0) -> nn.Module:
+def convert_momentum_bn(
+    module: nn.Module, num_views: int = 1, alpha: float = 1.0, num_groups: int = 1
+) -> nn.Module:
     """Replace every batch norm in ``module`` by Momentum BN, in place where possible.
 
     Handles ``nn.BatchNorm1d/2d``, ``nn.SyncBatchNorm`` and timm's ``BatchNormAct2d`` /
@@ -32,6 +35,7 @@ def convert_momentum_bn(module: nn.Module, num_views: int = 1, alpha: float = 1.
         num_views: views stacked along the batch dimension in each forward (2 for a teacher
             that forwards ``[v'; v]`` as one batch).
         alpha: initial weight of the current batch.
+        num_groups: virtual devices per view, each with its own running statistics.
 
     Returns:
         The converted module (a new object only when ``module`` itself is a batch norm).
@@ -45,6 +49,7 @@ def convert_momentum_bn(module: nn.Module, num_views: int = 1, alpha: float = 1.
             affine=module.affine,
             num_views=num_views,
             alpha=alpha,
+            num_groups=num_groups,
         )
         if hasattr(module, "act") and hasattr(module, "drop"):  # timm BatchNormAct2d family
             new = MomentumBatchNormAct2d(**kwargs, drop=module.drop, act=module.act)
@@ -57,7 +62,8 @@ def convert_momentum_bn(module: nn.Module, num_views: int = 1, alpha: float = 1.
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        new_child = convert_momentum_bn(child, num_views=num_views, alpha=alpha)
+        new_child = convert_momentum_bn(child, num_views=num_views, alpha=alpha,
+                                        num_groups=num_groups)
         if new_child is not child:
             setattr(module, name, new_child)
     return module

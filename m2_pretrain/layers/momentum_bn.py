@@ -14,6 +14,14 @@ Semantics (the authors' behaviour, with the defects noted in DESIGN.md removed):
 * Statistics are computed in fp32 whatever the input dtype (autocast); all state
   (running stats, alpha, update counter) lives in buffers, so ``state_dict`` round-trips.
 * In eval mode the layer normalises with the running statistics only, like ``nn.BatchNorm``.
+* Virtual devices (``num_groups = G > 1``): each view's batch holds ``G`` equal groups, laid
+  out view-major then group-major (``[view][group][sample]``); each (view, group) is
+  normalised with its own statistics mixed with its group's running statistics, and each
+  group's running statistics (row ``g`` of the ``(G, C)`` buffers: what device ``g`` would
+  hold) are updated lazily from the mean of that group's views. Eval mode uses group 0's
+  (rank 0's) statistics. With ``G == 1`` the buffers keep shape ``(C,)``.
+* On CUDA the training forward uses the fused kernel of ``m2_pretrain.layers.fused_bn`` when
+  that module is present; this file's path is its fallback and test oracle.
 """
 
 from __future__ import annotations
@@ -22,6 +30,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
+try:  # fused CUDA forward (optional; same semantics, this file's path is its oracle)
+    from .fused_bn import momentum_bn_train_fused as _fused_forward
+except ImportError:  # pragma: no cover - depends on the branch / build
+    _fused_forward = None
 
 
 class MomentumBatchNorm(nn.Module):
@@ -33,9 +46,12 @@ class MomentumBatchNorm(nn.Module):
         affine: learnable per-channel scale and shift (gamma, beta).
         num_views: number of views stacked along the batch dimension; B must be divisible by it.
         alpha: initial weight of the current batch's statistics.
+        num_groups: virtual devices per view (``[view][group][sample]`` layout), each with its
+            own running statistics; B must be divisible by ``num_views * num_groups``.
 
     State dict keys are those of ``nn.BatchNorm2d`` (``weight``, ``bias``, ``running_mean``,
-    ``running_var``, ``num_batches_tracked``) plus ``alpha``.
+    ``running_var``, ``num_batches_tracked``) plus ``alpha``; the running statistics have
+    shape ``(C,)`` for one group and ``(num_groups, C)`` otherwise.
     """
 
     def __init__(
@@ -45,29 +61,35 @@ class MomentumBatchNorm(nn.Module):
         affine: bool = True,
         num_views: int = 1,
         alpha: float = 1.0,
+        num_groups: int = 1,
     ) -> None:
         super().__init__()
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
         self.num_views = num_views
+        self.num_groups = num_groups
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
             self.bias = nn.Parameter(torch.zeros(num_features))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        stat_shape = (num_features,) if num_groups == 1 else (num_groups, num_features)
+        self.register_buffer("running_mean", torch.zeros(stat_shape))
+        self.register_buffer("running_var", torch.ones(stat_shape))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("alpha", torch.tensor(float(alpha)))
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
-            f"num_views={self.num_views}, alpha={float(self.alpha):.4g}"
+            f"num_views={self.num_views}, num_groups={self.num_groups}, "
+            f"alpha={float(self.alpha):.4g}"
         )
 
     @torch.no_grad()
@@ -92,30 +114,40 @@ class MomentumBatchNorm(nn.Module):
             )
         extra = x.dim() - 2  # number of spatial dims
         bcast = (1,) * extra
-        if not self.training:
-            scale, shift = self._scale_shift(self.running_mean, self.running_var)
+        v, g, c = self.num_views, self.num_groups, self.num_features
+        run_mean = self.running_mean.view(g, c)  # views of the buffers, updated in place
+        run_var = self.running_var.view(g, c)
+        if not self.training:  # group 0's statistics: what rank 0 saves
+            scale, shift = self._scale_shift(run_mean[0], run_var[0])
             return (x.float() * scale.view(1, -1, *bcast) + shift.view(1, -1, *bcast)).to(x.dtype)
 
-        v = self.num_views
-        if x.shape[0] % v != 0:
+        if x.shape[0] % (v * g) != 0:
             raise ValueError(
-                f"MomentumBatchNorm: batch of {x.shape[0]} is not divisible into {v} views"
+                f"MomentumBatchNorm: batch of {x.shape[0]} is not divisible into {v} views x "
+                f"{g} groups"
             )
-        xv = x.view(v, x.shape[0] // v, *x.shape[1:])  # (V, N, C, *spatial); a view, no copy
-        reduce_dims = [1] + list(range(3, xv.dim()))
+        if x.is_cuda and _fused_forward is not None:
+            y = _fused_forward(x, v, g, self.running_mean, self.running_var, self.alpha,
+                               self.weight, self.bias, self.eps)
+            self.num_batches_tracked.add_(1)
+            return y
+        # (V, G, N, C, *spatial); a view, no copy
+        xv = x.view(v, g, x.shape[0] // (v * g), *x.shape[1:])
+        reduce_dims = [2] + list(range(4, xv.dim()))
         xf = xv.float()
-        var_v, mean_v = torch.var_mean(xf, dim=reduce_dims, correction=0)  # (V, C) each
+        var_v, mean_v = torch.var_mean(xf, dim=reduce_dims, correction=0)  # (V, G, C) each
         alpha = self.alpha.float()
-        mean = alpha * mean_v + (1.0 - alpha) * self.running_mean
-        var = alpha * var_v + (1.0 - alpha) * self.running_var
-        scale, shift = self._scale_shift(mean, var)  # (V, C)
-        shape = (v, 1, self.num_features) + bcast
+        mean = alpha * mean_v + (1.0 - alpha) * run_mean
+        var = alpha * var_v + (1.0 - alpha) * run_var
+        scale, shift = self._scale_shift(mean, var)  # (V, G, C)
+        shape = (v, g, 1, c) + bcast
         y = xf * scale.view(shape) + shift.view(shape)
 
-        # Lazy update after all views of this iteration have been normalised.
+        # Lazy update after all views of this iteration have been normalised: each group from
+        # the mean of its own views' statistics.
         with torch.no_grad():
-            self.running_mean.lerp_(mean_v.detach().mean(0), alpha)
-            self.running_var.lerp_(var_v.detach().mean(0), alpha)
+            run_mean.lerp_(mean_v.detach().mean(0), alpha)
+            run_var.lerp_(var_v.detach().mean(0), alpha)
             self.num_batches_tracked.add_(1)
         return y.view_as(x).to(x.dtype)
 
@@ -135,8 +167,10 @@ class MomentumBatchNormAct2d(MomentumBatchNorm):
         alpha: float = 1.0,
         drop: Optional[nn.Module] = None,
         act: Optional[nn.Module] = None,
+        num_groups: int = 1,
     ) -> None:
-        super().__init__(num_features, eps=eps, affine=affine, num_views=num_views, alpha=alpha)
+        super().__init__(num_features, eps=eps, affine=affine, num_views=num_views, alpha=alpha,
+                         num_groups=num_groups)
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 

@@ -8,12 +8,13 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from ..layers import convert_momentum_bn, set_momentum_bn_alpha
+from ..layers import STUDENT_NORMS, TEACHER_NORMS, apply_norm, set_momentum_bn_alpha
 from .encoder import create_encoder
 from .heads import MLP
 from .loss import symmetric_byol_loss
 
-TeacherNorm = Literal["momentum", "bn"]
+TeacherNorm = Literal["momentum", "bn", "sync"]
+StudentNorm = Literal["bn", "sync"]
 
 
 @torch.no_grad()
@@ -43,10 +44,16 @@ class M2Teacher(nn.Module):
         proj_hidden, proj_out: projector widths (encoder width -> proj_hidden -> proj_out).
         pred_hidden: predictor width (proj_out -> pred_hidden -> proj_out).
         teacher_norm: ``"momentum"`` (Momentum BN, fed both views as one batch and reducing
-            statistics per view) or ``"bn"`` (plain train-mode BN on each view separately: the
-            BYOL baseline of Table 1).
+            statistics per view and group), ``"bn"`` (plain train-mode BN on each view
+            separately, per group: the BYOL baseline of Table 1) or ``"sync"`` (BN over each
+            view's whole batch; SyncBatchNorm across processes).
         alpha_base: initial Momentum BN alpha.
         encoder_kwargs: passed to ``timm.create_model``.
+        student_norm: ``"bn"`` (per device, i.e. per group) or ``"sync"`` (whole batch) for the
+            student's encoder, projector and predictor.
+        bn_groups: virtual devices per view batch ("per device" BN statistics inside one
+            process; see ``m2_pretrain.layers.norms``). 1 = the process is one device.
+        distributed: running under torch.distributed (``sync`` becomes ``SyncBatchNorm``).
     """
 
     def __init__(
@@ -58,19 +65,28 @@ class M2Teacher(nn.Module):
         teacher_norm: TeacherNorm = "momentum",
         alpha_base: float = 1.0,
         encoder_kwargs: dict | None = None,
+        student_norm: StudentNorm = "bn",
+        bn_groups: int = 1,
+        distributed: bool = False,
     ) -> None:
         super().__init__()
-        if teacher_norm not in ("momentum", "bn"):
-            raise ValueError(f"teacher_norm must be 'momentum' or 'bn', got {teacher_norm!r}")
+        if teacher_norm not in TEACHER_NORMS:
+            raise ValueError(f"teacher_norm must be one of {TEACHER_NORMS}, got {teacher_norm!r}")
+        if student_norm not in STUDENT_NORMS:
+            raise ValueError(f"student_norm must be one of {STUDENT_NORMS}, got {student_norm!r}")
+        if bn_groups < 1:
+            raise ValueError(f"bn_groups must be >= 1, got {bn_groups}")
         self.arch = arch
-        self.teacher_norm = teacher_norm
+        self.teacher_norm, self.student_norm, self.bn_groups = teacher_norm, student_norm, bn_groups
         encoder = create_encoder(arch, **(encoder_kwargs or {}))
         dim = encoder.num_features
         self.student = Branch(encoder, MLP(dim, proj_hidden, proj_out))
         self.predictor = MLP(proj_out, pred_hidden, proj_out)
         self.teacher = copy.deepcopy(self.student)
-        if teacher_norm == "momentum":
-            convert_momentum_bn(self.teacher, num_views=2, alpha=alpha_base)
+        for part in (self.student, self.predictor):
+            apply_norm(part, student_norm, num_groups=bn_groups, distributed=distributed)
+        apply_norm(self.teacher, teacher_norm, num_groups=bn_groups, num_views=2,
+                   alpha=alpha_base, distributed=distributed)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self._build_ema_pairs()
@@ -107,14 +123,17 @@ class M2Teacher(nn.Module):
     def teacher_targets(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher projections of both views (no gradient)."""
         if self.teacher_norm == "momentum":
-            z = self.teacher(torch.cat([v1, v2], dim=0))  # Momentum BN reduces per view
+            # [view][group][sample]: Momentum BN reduces per view and group
+            z = self.teacher(torch.cat([v1, v2], dim=0))
             return z[: v1.shape[0]], z[v1.shape[0] :]
         return self.teacher(v1), self.teacher(v2)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
         """Symmetrised BYOL loss of the student against the teacher.
 
-        The student runs each view separately so its BN statistics stay per view.
+        The student runs each view separately so its BN statistics stay per view. With
+        ``bn_groups > 1`` each view's batch is ``bn_groups`` devices' batches, in order; the loss
+        is the mean over the whole batch, as DDP's averaged gradient is.
 
         Returns:
             ``{"loss": scalar}``.

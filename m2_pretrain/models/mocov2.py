@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import convert_momentum_bn
+from ..layers import KEY_NORMS, apply_norm
 from .encoder import create_encoder
 from .m2_teacher import Branch, ema_update_
 
@@ -78,8 +78,8 @@ class MoCoV2(nn.Module):
         encoder_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        if key_norm not in ("shuffle_bn", "momentum", "bn"):
-            raise ValueError(f"key_norm must be shuffle_bn, momentum or bn, got {key_norm!r}")
+        if key_norm not in KEY_NORMS:
+            raise ValueError(f"key_norm must be one of {KEY_NORMS}, got {key_norm!r}")
         if shuffle_splits < 1:
             raise ValueError(f"shuffle_splits must be >= 1, got {shuffle_splits}")
         self.arch, self.key_norm, self.temperature = arch, key_norm, temperature
@@ -87,8 +87,8 @@ class MoCoV2(nn.Module):
         encoder = create_encoder(arch, **(encoder_kwargs or {}))
         self.student = Branch(encoder, MoCoHead(encoder.num_features, hidden, dim))  # query
         self.teacher = copy.deepcopy(self.student)  # key
-        if key_norm == "momentum":
-            convert_momentum_bn(self.teacher, num_views=1, alpha=key_alpha)
+        if key_norm == "momentum":  # shuffle_bn and bn keep plain BN layers
+            apply_norm(self.teacher, "momentum", num_views=1, alpha=key_alpha)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
