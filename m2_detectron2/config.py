@@ -42,4 +42,5 @@ def add_m2_config(cfg: CN) -> CN:
     cfg.M2 = CN()
     # Extra COCO-format datasets: each entry "name=path/to/annotations.json:path/to/images".
     cfg.M2.REGISTER_COCO = []
+    cfg.M2.RANDOM_INIT = False  # train from random initialisation when no weights are given (explicit opt-in)
     return cfg
