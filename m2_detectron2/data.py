@@ -8,7 +8,7 @@ The embedded set (``shapes_coco_train`` / ``shapes_coco_val``) is drawn by
 :mod:`m2_pretrain.data.embedded`: each image is a ``grid x grid`` mosaic of tiles, one shape
 per tile, so an image has several instances of the 10 shape classes. Masks are exact and
 stored as RLE, so configs using it set ``INPUT.MASK_FORMAT: bitmask``. Files are generated on
-first use under ``$DETECTRON2_DATASETS/m2_shapes`` (no download).
+first use under ``$DETECTRON2_DATASETS/m2_shapes_v2`` (no download).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def datasets_root() -> Path:
 
 
 def embedded_root() -> Path:
-    return datasets_root() / "m2_shapes"
+    return datasets_root() / "m2_shapes_v2"  # v2: two-tone shapes
 
 
 def _categories() -> list[dict]:
