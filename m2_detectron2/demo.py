@@ -47,7 +47,9 @@ def finetune(weights: str, out_dir: Path, opts: list[str]) -> tuple[dict, list[d
     """Train and evaluate the demo detector; returns its AP, its predictions on the first
     ``PANEL_IMAGES`` validation images (``masks``, ``classes``, ``scores`` above the test
     score threshold) and the class names."""
-    init = ["MODEL.WEIGHTS", weights] if weights else ["MODEL.WEIGHTS", "", "M2.RANDOM_INIT", "True"]
+    init = ["MODEL.WEIGHTS", weights]
+    if not weights:
+        init += ["M2.RANDOM_INIT", "True"]
     cfg = build_config(str(DET_CONFIG), init + ["OUTPUT_DIR", str(out_dir)] + opts)
     cfg.freeze()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,8 @@ def run(output_dir: str | Path, pretrain_overrides: list[str], det_opts: list[st
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", default="demo_output")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of pretraining and of both detectors (default 0)")
@@ -146,10 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     s = run(args.output_dir, args.pretrain, args.det, args.seed, args.reuse_pretraining)
     pretrain_demo.print_summary(s["pretrain"])
     print(f"\nMask R-CNN R18-FPN, embedded shapes val (COCO AP, %)")
-    print(f"{'initialisation':<28} {'box AP':>7} {'box AP50':>9} {'mask AP':>8} {'mask AP50':>10} {'time':>7}")
+    print(f"{'initialisation':<28} {'box AP':>7} {'box AP50':>9} {'mask AP':>8} "
+          f"{'mask AP50':>10} {'time':>7}")
     for name, r in s["detection"].items():
-        print(f"{name:<28} {r['bbox']['AP']:>7.1f} {r['bbox']['AP50']:>9.1f} {r['segm']['AP']:>8.1f} "
-              f"{r['segm']['AP50']:>10.1f} {r['seconds']:>6.0f}s")
+        print(f"{name:<28} {r['bbox']['AP']:>7.1f} {r['bbox']['AP50']:>9.1f} "
+              f"{r['segm']['AP']:>8.1f} {r['segm']['AP50']:>10.1f} {r['seconds']:>6.0f}s")
     reused = " (pretraining reused, not included)" if s["pretraining_reused"] else ""
     print(f"\ntotal {s['total_seconds'] / 60:.1f} min{reused}; results written to "
           f"{Path(args.output_dir) / 'results.json'}, picture to "

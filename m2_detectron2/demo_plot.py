@@ -95,7 +95,7 @@ def plot_summary(summary: dict, panels: Sequence[dict], class_names: Sequence[st
             ax = fig.add_subplot(gs[1 + r, c])
             pred = p["pred"][arm]
             keep = np.asarray(pred["scores"]) >= min_score
-            pred = {k: np.asarray(v)[keep] for k, v in pred.items()}
+            pred = {k: np.asarray(pred[k])[keep] for k in ("masks", "classes", "scores")}
             ax.imshow(overlay_masks(p["image"], pred["masks"], pred["classes"]))
             for m, cl, s in zip(pred["masks"], pred["classes"], pred["scores"]):
                 ys, xs = np.nonzero(m)

@@ -35,7 +35,8 @@ def test_plot_summary_writes_a_figure_with_every_panel(tmp_path):
     rng = np.random.default_rng(0)
     masks = np.zeros((3, 48, 64), bool)
     masks[0, 5:20, 5:20] = masks[1, 25:40, 30:60] = masks[2, 1:3, 1:3] = True
-    pred = {"masks": masks, "classes": np.array([0, 4, 9]), "scores": np.array([0.9, 0.6, 0.1])}
+    pred = {"masks": masks, "classes": np.array([0, 4, 9]), "scores": np.array([0.9, 0.6, 0.1]),
+            "file_name": "val_000001.png", "image_id": 1}  # extra keys, as the demo passes
     panels = [{"image": rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), "image_id": i,
                "pred": {a: pred for a in arms}} for i in range(2)]
     path = plot_summary(summary, panels, [f"c{i}" for i in range(10)], tmp_path / "s.png")
