@@ -54,7 +54,7 @@ def plot_summary(summary: dict, panels: Sequence[dict], class_names: Sequence[st
 
     ax = fig.add_subplot(top[0])
     hist = pre.get("history", [])
-    ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], color="tab:blue")
+    ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], ".-", color="tab:blue")
     ax.set_xlabel("pretraining step")
     ax.set_ylabel("loss (symmetrised BYOL)", color="tab:blue")
     ax.set_title("Momentum² Teacher pretraining")
