@@ -9,8 +9,13 @@ $(STAMP): requirements/base.txt requirements/detectron2-v0.6.txt scripts/install
 
 install: $(STAMP)
 
+# `make demo SEED=n` seeds pretraining and both detectors; seeds other than 0 write to
+# demo_output/seed<n> so that runs sit side by side.
+SEED ?= 0
+DEMO_OUT ?= $(if $(filter 0,$(SEED)),demo_output,demo_output/seed$(SEED))
+
 demo: $(STAMP)
-	$(PY) -m m2_detectron2.demo
+	$(PY) -m m2_detectron2.demo --seed $(SEED) --output-dir $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

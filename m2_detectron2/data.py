@@ -6,9 +6,10 @@ COCO 2017 and LVIS v0.5 use Detectron2's built-in registration (``coco_2017_trai
 
 The embedded set (``shapes_coco_train`` / ``shapes_coco_val``) is drawn by
 :mod:`m2_pretrain.data.embedded`: each image is a ``grid x grid`` mosaic of tiles, one shape
-per tile, so an image has several instances of the 10 shape classes. Masks are exact and
-stored as RLE, so configs using it set ``INPUT.MASK_FORMAT: bitmask``. Files are generated on
-first use under ``$DETECTRON2_DATASETS/m2_shapes`` (no download).
+per tile, so an image has several instances of the 10 shape classes, each a dark shape on a
+light ground or the reverse (the ``two_tone`` palette `make demo` pretrains on). Masks are
+exact and stored as RLE, so configs using it set ``INPUT.MASK_FORMAT: bitmask``. Files are
+generated on first use under ``$DETECTRON2_DATASETS/m2_shapes_v2`` (no download).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def datasets_root() -> Path:
 
 
 def embedded_root() -> Path:
-    return datasets_root() / "m2_shapes"
+    return datasets_root() / "m2_shapes_v2"  # v2: two-tone shapes
 
 
 def _categories() -> list[dict]:
@@ -56,7 +57,7 @@ def render_mosaic(index: int, seed: int, tile: int = TILE, grid: int = GRID):
         # per tile whose class is drawn at random, so classes are not tied to tile positions.
         label = int(np.random.default_rng([seed, index, t]).integers(len(SHAPES)))
         s = render_sample((index * grid * grid + t) * len(SHAPES) + label, tile,
-                          num_classes=len(SHAPES), seed=seed)
+                          num_classes=len(SHAPES), seed=seed, palette="two_tone")
         img[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = s["image"]
         full = np.zeros(img.shape[:2], bool)
         full[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = s["mask"]

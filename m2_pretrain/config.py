@@ -48,6 +48,7 @@ class DataConfig:
     res: int = 32  # crop size
     num_images: int = 2000  # embedded dataset size
     num_classes: int = 10  # embedded dataset classes
+    embedded_palette: str = "colour"  # embedded dataset: "colour" (6 colours) or "two_tone"
     workers: int = 2
     pin_memory: bool = True
     skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
@@ -258,6 +259,7 @@ def validate(cfg: Config) -> None:
         "model.teacher_norm": (cfg.model.teacher_norm, TEACHER_NORMS),
         "model.student_norm": (cfg.model.student_norm, STUDENT_NORMS),
         "data.dataset": (cfg.data.dataset, ("embedded", "imagefolder", "stl10", "fashion_mnist")),
+        "data.embedded_palette": (cfg.data.embedded_palette, ("colour", "two_tone")),
         "optim.name": (cfg.optim.name, ("sgd", "lars")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "data.augment_device": (cfg.data.augment_device, ("auto", "cpu", "cuda")),

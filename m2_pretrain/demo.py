@@ -48,6 +48,9 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
         "pretrain_seconds": round(t_train, 1), "checkpoint": str(ckpt),
         "encoder": str(out / "encoder.pth"), "knn": rows,
         "final_loss": result["history"][-1]["loss"] if result["history"] else None,
+        # the loss every `train.log_every` steps, and the teacher's kNN where it was monitored
+        "history": [{k: h[k] for k in ("step", "loss", "knn_top1") if k in h}
+                    for h in result["history"]],
     }
     with open(out / "results.json", "w") as f:
         json.dump(summary, f, indent=2)

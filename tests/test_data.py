@@ -32,6 +32,23 @@ def test_embedded_is_deterministic_and_labelled():
     assert img.size == (40, 40) and y == 3 and ds.targets[13] == 3
 
 
+def test_embedded_two_tone_palette_paints_dark_or_light_shapes():
+    from m2_pretrain.data.embedded import PALETTES
+
+    tones = PALETTES["two_tone"]
+    for i in range(6):
+        s = render_sample(i, 48, palette="two_tone")
+        shape = s["image"][s["mask"]].astype(float).mean(0)
+        ground = s["image"][~s["mask"]].astype(float).mean(0)
+        # the shape is one tone, the ground (a gradient around it) the other
+        near = [np.abs(tones - c).max(1).argmin() for c in (shape, ground)]
+        assert sorted(near) == [0, 1] and np.abs(tones[near[0]] - shape).max() < 25, (i, shape)
+    assert not np.array_equal(render_sample(3, 48)["image"],
+                              render_sample(3, 48, palette="two_tone")["image"])
+    with pytest.raises(ValueError, match="palette"):
+        render_sample(0, 32, palette="pastel")
+
+
 def _write_stl10(root, n_train=4, n_unl=3):
     d = root / "stl10_binary"
     d.mkdir(parents=True)

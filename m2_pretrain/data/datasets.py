@@ -245,7 +245,7 @@ def build_dataset(data_cfg, split: str, transform: Optional[Callable] = None) ->
         n = data_cfg.num_images if split != "test" else max(data_cfg.num_images // 4, 1)
         return EmbeddedShapes(n, res=max(data_cfg.res, 64),
                               num_classes=data_cfg.num_classes, seed=seeds[split],
-                              transform=transform)
+                              transform=transform, palette=data_cfg.embedded_palette)
     if name == "imagefolder":
         return ImageFolderDataset(Path(data_cfg.root) / split, transform, data_cfg.skip_corrupt)
     if name == "stl10":
