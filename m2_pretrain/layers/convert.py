@@ -10,7 +10,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .momentum_bn import MomentumBatchNorm, MomentumBatchNormAct2d
 
 
-def _copy_bn_state(src: _BatchNorm, dst: MomentumBatchNorm) -> None:
+def _copy_bn_state(src: _BatchNorm, dst: nn.Module) -> None:
+    """Copy affine parameters and running statistics (broadcast to per-group rows) into a
+    converted norm layer."""
     with torch.no_grad():
         if src.affine:
             dst.weight.copy_(src.weight)

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .convert import _copy_bn_state
+
 
 class GroupedBatchNorm(_BatchNorm):
     """BatchNorm over inputs (B, C) or (B, C, *spatial) whose batch is ``num_groups`` devices'.
@@ -141,13 +143,9 @@ def convert_grouped_bn(module: nn.Module, num_groups: int) -> nn.Module:
         ref = module.weight if module.affine else module.running_mean
         if ref is not None:
             new = new.to(device=ref.device)
-        with torch.no_grad():
-            if module.affine:
-                new.weight.copy_(module.weight)
-                new.bias.copy_(module.bias)
-            if module.track_running_stats and module.running_mean is not None:
-                new.running_mean.copy_(module.running_mean.expand_as(new.running_mean))
-                new.running_var.copy_(module.running_var.expand_as(new.running_var))
+        _copy_bn_state(module, new)
+        if module.track_running_stats and module.running_mean is not None:
+            with torch.no_grad():
                 new.num_batches_tracked.copy_(module.num_batches_tracked)
         new.train(module.training)
         return new
