@@ -15,3 +15,32 @@ def tiny_config(**sections):
         for k, v in kv.items():
             overrides.append(f"{sec}.{k}={v}")
     return load_config(None, overrides)
+
+
+def sigterm_during_step(trainer, monkeypatch, step: int) -> None:
+    """Make a real SIGTERM arrive while ``trainer`` runs optimizer step ``step`` (0-based)."""
+    import os
+    import signal
+
+    orig_step = trainer.optimizer.step
+
+    def step_and_signal(*a, **kw):
+        out = orig_step(*a, **kw)
+        if trainer.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(trainer.optimizer, "step", step_and_signal)
+
+
+def run_torchrun(script, port: int, cwd) -> None:
+    """Run ``script`` on 2 gloo processes with torchrun; fail with the tail of its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={port}", str(script)], capture_output=True, text=True,
+                       cwd=cwd, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]

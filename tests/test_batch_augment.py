@@ -1,8 +1,6 @@
 """Device-side (batched) two-view augmentation, run on CPU tensors."""
 
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from m2_pretrain.data.embedded import render_sample
 from m2_pretrain.engine.checkpoint import list_checkpoints, safe_load
 from m2_pretrain.engine.trainer import Trainer, build_augmentation
 
-from helpers import tiny_config
+from helpers import sigterm_during_step, tiny_config
 
 
 def _images():
@@ -180,15 +178,7 @@ def test_resume_exact_with_device_augmentation(tmp_path, monkeypatch):
     assert full.batch_aug is not None  # the batched pipeline, here on the CPU
     full_result = full.fit()
     t = Trainer(cfg, tmp_path / "part", progress=False)
-    orig_step = t.optimizer.step
-
-    def step_and_signal(*a, **kw):
-        out = orig_step(*a, **kw)
-        if t.step == 1:  # the 2nd optimizer step is running
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(t.optimizer, "step", step_and_signal)
+    sigterm_during_step(t, monkeypatch, 1)  # the 2nd optimizer step is running
     part = t.fit()
     assert part["status"].startswith("interrupted") and part["step"] == 2
     rest = Trainer(cfg, tmp_path / "part", resume=True, progress=False).fit()

@@ -1,8 +1,6 @@
 """The trainer loop's named steps; DDP gradient accumulation without all-reduce on early
 micro-batches (no_sync)."""
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -12,7 +10,7 @@ import torch
 
 from m2_pretrain.engine.trainer import Trainer
 
-from helpers import tiny_config
+from helpers import run_torchrun, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,11 +64,7 @@ def test_ddp_accumulation_all_reduces_only_on_last_micro_batch(tmp_path):
                    {str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.pt")
         dist.destroy_process_group()
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port=29541", str(script)], capture_output=True, text=True,
-                       cwd=REPO, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_torchrun(script, 29541, REPO)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     # micro-batches 0..3; steps end at micro 1 and 3: only those all-reduce, each every

@@ -1,7 +1,5 @@
 """Trainer: resume equivalence, signal checkpoint, NaN stop, atomic save, export, DDP."""
 
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +15,7 @@ from m2_pretrain.engine.trainer import NonFiniteLossError, Trainer
 from m2_pretrain.export import export_encoder, load_exported_encoder
 from m2_pretrain.models import M2Teacher
 
-from helpers import tiny_config
+from helpers import run_torchrun, sigterm_during_step, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,15 +31,7 @@ def test_resume_after_sigterm_matches_uninterrupted(tmp_path, monkeypatch):
 
     # interrupted run: a real SIGTERM arrives during step 3
     t = Trainer(cfg, tmp_path / "part", progress=False)
-    orig_step = t.optimizer.step
-
-    def step_and_signal(*a, **kw):
-        out = orig_step(*a, **kw)
-        if t.step == 2:  # the 3rd optimizer step is running
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(t.optimizer, "step", step_and_signal)
+    sigterm_during_step(t, monkeypatch, 2)  # the 3rd optimizer step is running
     part = t.fit()
     assert part["status"].startswith("interrupted") and part["step"] == 3
     assert [p.name for p in list_checkpoints(tmp_path / "part")] == ["ckpt_00000002.pth", "ckpt_00000003.pth"]
@@ -167,11 +157,7 @@ def test_ddp_two_processes_same_teacher(tmp_path, model_overrides):
                    {str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.pt")
         dist.destroy_process_group()
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port=29533", str(script)], capture_output=True, text=True,
-                       cwd=REPO, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_torchrun(script, 29533, REPO)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k, v in a["params"].items():
