@@ -254,7 +254,6 @@ def bench_pipeline(args) -> dict:
     torchvision's GaussianBlur, the loader-side half of the device pipeline (decode done;
     crop + flip to uint8, ``GeometricTwoView``) and, for reference, the device-side half run
     on this CPU core (batches of 16 pairs)."""
-    import numpy as np
     from PIL import Image
 
     from m2_pretrain.data.augment import TwoViewTransform

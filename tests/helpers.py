@@ -33,14 +33,23 @@ def sigterm_during_step(trainer, monkeypatch, step: int) -> None:
     monkeypatch.setattr(trainer.optimizer, "step", step_and_signal)
 
 
-def run_torchrun(script, port: int, cwd) -> None:
-    """Run ``script`` on 2 gloo processes with torchrun; fail with the tail of its stderr."""
+def run_torchrun(script, port: int, cwd, results_dir) -> tuple[dict, dict]:
+    """Run ``script`` on 2 gloo processes with torchrun; fail with the tail of its stderr.
+
+    Returns:
+        What ranks 0 and 1 saved as ``results_dir/rank{r}.pt``.
+    """
     import os
     import subprocess
     import sys
+    from pathlib import Path
+
+    import torch
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={port}", str(script)], capture_output=True, text=True,
                        cwd=cwd, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return tuple(torch.load(Path(results_dir) / f"rank{k}.pt", weights_only=True)
+                 for k in (0, 1))

@@ -8,7 +8,6 @@ import os
 import pickle
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np

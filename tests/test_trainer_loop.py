@@ -1,7 +1,6 @@
 """The trainer loop's named steps; DDP gradient accumulation without all-reduce on early
 micro-batches (no_sync)."""
 
-import sys
 import textwrap
 from pathlib import Path
 
@@ -64,9 +63,7 @@ def test_ddp_accumulation_all_reduces_only_on_last_micro_batch(tmp_path):
                    {str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.pt")
         dist.destroy_process_group()
     """))
-    run_torchrun(script, 29541, REPO)
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    a, b = run_torchrun(script, 29541, REPO, tmp_path)
     # micro-batches 0..3; steps end at micro 1 and 3: only those all-reduce, each every
     # gradient element once (DDP re-buckets after its first iteration, so bucket counts differ)
     assert {m for m, _ in a["seen"]} == {1, 3}

@@ -157,9 +157,7 @@ def test_ddp_two_processes_same_teacher(tmp_path, model_overrides):
                    {str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.pt")
         dist.destroy_process_group()
     """))
-    run_torchrun(script, 29533, REPO)
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    a, b = run_torchrun(script, 29533, REPO, tmp_path)
     for k, v in a["params"].items():
         torch.testing.assert_close(v, b["params"][k], rtol=0, atol=0)
     # teacher BN statistics are per device (different data on each rank; no buffer broadcast)
