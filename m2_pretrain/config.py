@@ -30,6 +30,10 @@ class ModelConfig:
     teacher_norm: str = "momentum"  # momentum | bn (BYOL baseline) | sync
     student_norm: str = "bn"  # bn | sync
     alpha_base: float = 1.0  # Momentum BN: initial weight of the current batch
+    # timm ResNets start each block's last BN weight at 0 (zero_init_last); torchvision's ResNet,
+    # which the paper and the authors' code use, starts it at 1. None keeps timm's default (the
+    # argument is only passed when set; only timm's ResNet family accepts it).
+    zero_init_last: Optional[bool] = None
     # MoCo v2 (method: mocov2)
     moco_dim: int = 128
     moco_hidden: int = 2048
@@ -55,6 +59,10 @@ class DataConfig:
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     crop_scale_min: float = 0.08
+    # Gaussian blur sigma range in pixels (BYOL's, for 224 px crops) and the teacher view's
+    # solarisation probability (the student view's is 0)
+    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: float = 0.2
     # where the two-view colour augmentation runs: cpu (per image, PIL, in the loader workers),
     # cuda (batched on the training device; workers only decode, crop and flip), auto (cuda
     # when training on CUDA)
@@ -288,6 +296,13 @@ def validate(cfg: Config) -> None:
     if g > 0 and cfg.model.method != "m2":
         raise ConfigError("config key 'train.bn_group_size' is supported for model.method=m2 only; "
                           "set it to 0")
+    bs = cfg.data.blur_sigma
+    if len(bs) != 2 or not 0 < bs[0] <= bs[1]:
+        raise ConfigError(f"config key 'data.blur_sigma' must be [low, high] with 0 < low <= high, "
+                          f"got {bs}")
+    if not 0.0 <= cfg.data.solarize_p <= 1.0:
+        raise ConfigError(f"config key 'data.solarize_p' must be in [0, 1], got "
+                          f"{cfg.data.solarize_p}")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ConfigError("config key 'train.epochs' must be positive (or set train.max_steps)")
     if not 0.0 <= cfg.train.m_base <= 1.0:

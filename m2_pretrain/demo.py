@@ -19,7 +19,8 @@ import torch
 from .config import load_config
 from .engine.checkpoint import list_checkpoints
 from .engine.run_dir import RunDirError
-from .engine.trainer import Trainer
+from .engine.trainer import Trainer, encoder_kwargs
+from .models.encoder import create_encoder
 from .eval.knn import knn_eval_encoder
 from .export import export_encoder, load_exported_encoder
 
@@ -40,9 +41,9 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
     encoder.load_state_dict(sd, strict=True)
     device = trainer.device
     rows = {"M2 Teacher (exported teacher)": knn_eval_encoder(encoder, cfg.data, cfg.knn, device)}
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the encoder pretraining started from, same init scheme
     rows["random initialisation"] = knn_eval_encoder(
-        timm.create_model(meta["arch"], num_classes=0, pretrained=False), cfg.data, cfg.knn, device)
+        create_encoder(meta["arch"], **encoder_kwargs(cfg)), cfg.data, cfg.knn, device)
     summary = {
         "config": str(config), "overrides": overrides, "steps": result["step"],
         "pretrain_seconds": round(t_train, 1), "checkpoint": str(ckpt),

@@ -47,3 +47,40 @@ def test_overrides_and_round_trip(tmp_path):
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.train.batch_size > 0
+
+
+def test_augmentation_knobs_reach_both_views():
+    from m2_pretrain.engine.trainer import build_augmentation
+
+    cfg = load_config(None, ["data.res=48", "data.blur_sigma=[0.1,0.43]", "data.solarize_p=0"])
+    aug = build_augmentation(cfg)
+    assert aug.student_cfg.blur_sigma == aug.teacher_cfg.blur_sigma == (0.1, 0.43)
+    assert aug.teacher_cfg.solarize_p == 0.0 and aug.student_cfg.solarize_p == 0.0
+    # defaults are BYOL's: sigma (0.1, 2.0), solarisation only in the teacher view, p 0.2
+    aug = build_augmentation(load_config(None))
+    assert aug.teacher_cfg.blur_sigma == (0.1, 2.0)
+    assert (aug.student_cfg.solarize_p, aug.teacher_cfg.solarize_p) == (0.0, 0.2)
+    with pytest.raises(ConfigError, match="'data.blur_sigma' must be"):
+        load_config(None, ["data.blur_sigma=[2.0,0.1]"])
+    with pytest.raises(ConfigError, match="'data.solarize_p' must be in"):
+        load_config(None, ["data.solarize_p=1.5"])
+
+
+@pytest.mark.parametrize("method", ["m2", "mocov2"])
+def test_zero_init_last_reaches_the_encoder(method):
+    """``model.zero_init_last``: None keeps timm's init (each block's last BN weight 0);
+    False is torchvision's (1), which the paper's ResNets use."""
+    import torch
+
+    from m2_pretrain.engine.trainer import build_model
+
+    def last_bn_weights(cfg):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        enc = model.student.encoder
+        return torch.cat([b.bn2.weight.detach() for stage in (enc.layer1, enc.layer4)
+                          for b in stage])
+
+    base = [f"model.method={method}", "model.arch=resnet18", "model.moco_queue=256"]
+    assert torch.all(last_bn_weights(load_config(None, base)) == 0)
+    assert torch.all(last_bn_weights(load_config(None, base + ["model.zero_init_last=false"])) == 1)

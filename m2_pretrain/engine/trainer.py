@@ -186,12 +186,19 @@ def bn_groups(cfg: Config) -> int:
 def build_model(cfg: Config, distributed: bool = False) -> nn.Module:
     """The model named by ``cfg.model``; ``distributed`` turns ``sync`` norms into SyncBatchNorm."""
     m = cfg.model
+    kwargs = encoder_kwargs(cfg)
     if m.method == "mocov2":
         return MoCoV2(m.arch, m.moco_dim, m.moco_hidden, m.moco_queue, m.moco_temperature,
-                      m.key_norm, m.key_alpha, m.shuffle_splits)
+                      m.key_norm, m.key_alpha, m.shuffle_splits, encoder_kwargs=kwargs)
     return M2Teacher(m.arch, m.proj_hidden, m.proj_out, m.pred_hidden, m.teacher_norm, m.alpha_base,
                      student_norm=m.student_norm, bn_groups=bn_groups(cfg),
-                     distributed=distributed)
+                     distributed=distributed, encoder_kwargs=kwargs)
+
+
+def encoder_kwargs(cfg: Config) -> dict:
+    """``timm.create_model`` arguments from ``cfg.model`` (``zero_init_last`` when set)."""
+    z = cfg.model.zero_init_last
+    return {} if z is None else {"zero_init_last": z}
 
 
 def build_augmentation(cfg: Config) -> TwoViewTransform:
@@ -200,7 +207,8 @@ def build_augmentation(cfg: Config) -> TwoViewTransform:
     if cfg.model.method == "mocov2":
         return TwoViewTransform(d.res, d.crop_scale_min, jitter=(0.4, 0.4, 0.4, 0.1),
                                 student_blur_p=0.5, teacher_blur_p=0.5, teacher_solarize_p=0.0)
-    return TwoViewTransform(d.res, d.crop_scale_min)
+    return TwoViewTransform(d.res, d.crop_scale_min, blur_sigma=tuple(d.blur_sigma),
+                            teacher_solarize_p=d.solarize_p)
 
 
 def resolve_augment_device(kind: str, device: torch.device) -> str:
