@@ -18,7 +18,7 @@ run (teacher, eval mode) as a curve per arm.
 
 Budgets (``--budget``):
   cpu (default): ``test_resnet`` (timm's 0.4M-parameter ResNet) at 32 px, the 7 Table-1/4 arms
-      listed by ``--arms`` default, 3 seeds, about 21 minutes on a 2-core machine (measured).
+      listed by ``--arms`` default, 3 seeds, 80 steps, about 20 minutes on a 2-core machine.
   gpu: ResNet-18 (the paper's encoder) at 64 px, all 10 arms x 3 seeds as parallel processes,
       sized to finish within 10 minutes on one H100/H200 (an estimate; see the README).
 
@@ -93,9 +93,9 @@ PAPER = {
     "bn/bn@16": "– (T4: BYOL not run below 64)",
 }
 BUDGETS = {
-    # measured: 24 runs in 20.7 min wall, 17.2 CPU-min on 2 cores (2026-11-27, README)
-    "cpu": dict(arch="test_resnet", res=32, steps=20, monitor_every=5, seeds=3, jobs=1,
-                warmup_steps=3, workers=1,
+    # 20 steps took 6.0 min on 2 idle cores (24 runs); 80 steps are sized for ~20 min (README)
+    "cpu": dict(arch="test_resnet", res=32, steps=80, monitor_every=10, seeds=3, jobs=1,
+                warmup_steps=8, workers=1,
                 arms=["random", "sync/sync", "bn/bn", "bn/momentum", "bn/bn@16",
                       "bn/momentum@16", "bn/bn@64", "bn/momentum@64"],
                 eval_train=2000, eval_test=2000, recount_images=1024, monitor_train=1000,
