@@ -61,7 +61,7 @@ from m2_pretrain.config import load_config  # noqa: E402
 from m2_pretrain.data.augment import Normalizer, eval_transform  # noqa: E402
 from m2_pretrain.data.datasets import FASHION_MNIST_DEFAULT_ROOT, build_dataset  # noqa: E402
 from m2_pretrain.engine.checkpoint import list_checkpoints  # noqa: E402
-from m2_pretrain.engine.trainer import Trainer  # noqa: E402
+from m2_pretrain.engine.trainer import Trainer, encoder_kwargs  # noqa: E402
 from m2_pretrain.eval.common import load_encoder  # noqa: E402
 from m2_pretrain.eval.knn import knn_accuracy  # noqa: E402
 from m2_pretrain.eval.protocols import recount_bn_statistics  # noqa: E402
@@ -206,11 +206,11 @@ class MonitoredTrainer(Trainer):
         return out
 
 
-def init_kwargs(args) -> dict:
+def init_overrides(args) -> list[str]:
     """``--init torchvision`` (default): each residual block's last BN weight starts at 1, as
     in the paper's torchvision ResNets; ``timm``: timm's zero init of that weight, with which a
     short run leaves the residual branches all but off (0.0003-0.0009 after 20 CPU steps)."""
-    return {} if args.init == "timm" else {"zero_init_last": False}
+    return [] if args.init == "timm" else ["model.zero_init_last=false"]
 
 
 def arm_config(args, arm: str, seed: int):
@@ -233,7 +233,7 @@ def arm_config(args, arm: str, seed: int):
         f"train.m_base={args.m_base}", f"train.device={args.device}",
         f"train.log_every={args.monitor_every}",
         f"checkpoint.every_steps={args.steps}", "checkpoint.keep_last=1",
-    ] + ([] if args.init == "timm" else ["model.zero_init_last=false"])
+    ] + init_overrides(args)
     return load_config(None, overrides)
 
 
@@ -244,7 +244,8 @@ def run_arm(args, arm: str, seed: int) -> dict:
            "bn_group_size": ARMS[arm][2]}
     if arm == "random":
         torch.manual_seed(seed)
-        enc = create_encoder(args.arch, **init_kwargs(args)).to(device)
+        init = encoder_kwargs(load_config(None, init_overrides(args)))  # as the trained arms
+        enc = create_encoder(args.arch, **init).to(device)
         row["curve"], row["final_loss"], row["epochs"] = [], None, 0.0
     else:
         cfg = arm_config(args, arm, seed)

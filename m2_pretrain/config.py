@@ -59,8 +59,9 @@ class DataConfig:
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     crop_scale_min: float = 0.08
-    # Gaussian blur sigma range in pixels (BYOL's, for 224 px crops) and the teacher view's
-    # solarisation probability (the student view's is 0)
+    # Gaussian blur sigma range in pixels (BYOL's, for 224 px crops; both methods) and the
+    # teacher view's solarisation probability (m2 only: the student view's is 0, and MoCo v2's
+    # pipeline has no solarisation)
     blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
     solarize_p: float = 0.2
     # where the two-view colour augmentation runs: cpu (per image, PIL, in the loader workers),

@@ -60,6 +60,9 @@ def test_augmentation_knobs_reach_both_views():
     aug = build_augmentation(load_config(None))
     assert aug.teacher_cfg.blur_sigma == (0.1, 2.0)
     assert (aug.student_cfg.solarize_p, aug.teacher_cfg.solarize_p) == (0.0, 0.2)
+    moco = build_augmentation(load_config(None, ["model.method=mocov2",
+                                                 "data.blur_sigma=[0.2,1.0]"]))
+    assert moco.student_cfg.blur_sigma == moco.teacher_cfg.blur_sigma == (0.2, 1.0)
     with pytest.raises(ConfigError, match="'data.blur_sigma' must be"):
         load_config(None, ["data.blur_sigma=[2.0,0.1]"])
     with pytest.raises(ConfigError, match="'data.solarize_p' must be in"):

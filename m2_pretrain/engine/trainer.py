@@ -206,7 +206,8 @@ def build_augmentation(cfg: Config) -> TwoViewTransform:
     d = cfg.data
     if cfg.model.method == "mocov2":
         return TwoViewTransform(d.res, d.crop_scale_min, jitter=(0.4, 0.4, 0.4, 0.1),
-                                student_blur_p=0.5, teacher_blur_p=0.5, teacher_solarize_p=0.0)
+                                blur_sigma=tuple(d.blur_sigma), student_blur_p=0.5,
+                                teacher_blur_p=0.5, teacher_solarize_p=0.0)
     return TwoViewTransform(d.res, d.crop_scale_min, blur_sigma=tuple(d.blur_sigma),
                             teacher_solarize_p=d.solarize_p)
 
