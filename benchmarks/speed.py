@@ -9,6 +9,7 @@ Arms (synthetic batches already on the device; median of interleaved repeats):
                    mean/var passes, Python-side state, lazy commit)
   m2_grouped       the m2 step with virtual devices (train.bn_group_size): per-group BN in the
                    student and Momentum BN per group in the teacher, one forward for all groups
+  m2_bf16          the m2 step under bf16 autocast on the CPU (train.amp_cpu)   (--cpu-bf16)
   mocov2_shuffle   MoCo v2 step, shuffle-BN key encoder        (--moco)
   mocov2_momentum  MoCo v2 step, Momentum BN (alpha 0.064) key  (--moco)
   lightly_byol     the BYOL step built from lightly's modules   (--peer lightly; needs the
@@ -17,6 +18,7 @@ Arms (synthetic batches already on the device; median of interleaved repeats):
     python benchmarks/speed.py --device cuda --json speed.json          # ResNet-50, 224 px, 128/view
     python benchmarks/speed.py --device cuda --arch resnet18 --res 96 --batch 256
     python benchmarks/speed.py --device cpu --json speed_cpu.json       # small shapes
+    python benchmarks/speed.py --device cpu --cpu-bf16                  # + m2 under CPU bf16
     python benchmarks/speed.py --pipeline                               # augmentation pairs/s/core
     python benchmarks/speed.py --real stl10 --arch resnet18 --res 96 --batch 256 --workers 14
     python benchmarks/speed.py --real imagefolder --workers 14          # ResNet-50, 224 px JPEGs
@@ -27,7 +29,7 @@ spent waiting for data, and images/s as a fraction of the m2 step rate measured 
 process (the step on device-resident batches).
 
 Ratios printed: m2/ceiling, m2/byol_bn, m2_reference/m2, m2_grouped/m2 (and
-mocov2_momentum/mocov2_shuffle).
+mocov2_momentum/mocov2_shuffle, m2_bf16/m2).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def make_arm(name: str, arch: str, heads: dict, batch: int, bn_group_size: int =
         return Ceiling(arch)
     if name == "byol_bn":
         return M2Teacher(arch, teacher_norm="bn", **heads)
-    if name == "m2":
+    if name in ("m2", "m2_bf16"):
         return M2Teacher(arch, teacher_norm="momentum", **heads)
     if name == "m2_reference":
         return ReferenceM2Teacher(arch, **heads)
@@ -195,12 +197,13 @@ def bench_steps(args, arms: list[str] | None = None) -> dict:
         arms = ["ceiling", "byol_bn", "m2", "m2_reference", "m2_grouped"]
         arms += ["mocov2_shuffle", "mocov2_momentum"] if args.moco else []
         arms += ["lightly_byol"] if args.peer == "lightly" else []
+        arms += ["m2_bf16"] if args.cpu_bf16 and not cuda else []
     torch.manual_seed(0)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     v1 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
     v2 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
-    steps = {a: Step(a, make_arm(a, args.arch, heads, args.batch, args.bn_group_size), device, amp,
-                     cuda, args.compile) for a in arms}
+    steps = {a: Step(a, make_arm(a, args.arch, heads, args.batch, args.bn_group_size), device,
+                     torch.bfloat16 if a == "m2_bf16" else amp, cuda, args.compile) for a in arms}
     peak = {}
     for a, st in steps.items():  # warm-up (and compilation), peak memory per arm
         if cuda:
@@ -221,7 +224,7 @@ def bench_steps(args, arms: list[str] | None = None) -> dict:
     med = {a: statistics.median(t) for a, t in times.items()}
     pairs = [("m2", "ceiling"), ("m2", "byol_bn"), ("m2_reference", "m2"), ("m2_grouped", "m2"),
              ("mocov2_momentum", "mocov2_shuffle"), ("m2", "lightly_byol"),
-             ("byol_bn", "lightly_byol")]
+             ("byol_bn", "lightly_byol"), ("m2_bf16", "m2")]
     ratios = {f"{a}/{b}": med[a] / med[b] for a, b in pairs if a in med and b in med}
     return {
         "arms": {a: {"median_s": med[a], "all_s": times[a], "images_per_s": 2 * args.batch / med[a],
@@ -394,6 +397,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pipeline", action="store_true", help="also measure augmentation throughput")
     ap.add_argument("--pipeline-seconds", type=float, default=5.0)
     ap.add_argument("--peer", choices=["lightly"], help="add a peer library's BYOL step")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="on CPU, add the m2 step under bf16 autocast (train.amp_cpu)")
     ap.add_argument("--real", help="comma-separated: stl10 (96 px binary layout), imagefolder "
                                    "(~500x375 JPEGs): run the trainer's loop on generated data")
     ap.add_argument("--real-images", type=int, default=0, help="images to generate (default: "

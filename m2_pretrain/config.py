@@ -100,7 +100,10 @@ class TrainConfig:
     m_schedule: str = "cosine"  # cosine: 1 - m decays to 0; constant: m = 1 - m_base (MoCo)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
+    amp: bool = True  # bf16 autocast on CUDA (fp32 on CPU unless amp_cpu)
+    # bf16 autocast on CPU too (opt-in; needs amp): about 1.5x per step on CPUs with bf16
+    # matrix units (AVX512-BF16 / AMX), and it can be slower on CPUs without them
+    amp_cpu: bool = False
     channels_last: bool = True  # on CUDA
     compile: bool = False
     log_every: int = 10

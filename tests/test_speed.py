@@ -20,16 +20,16 @@ def test_speed_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     out = tmp_path / "speed.json"
     r = subprocess.run([sys.executable, "benchmarks/speed.py", "--device", "cpu", "--arch", "resnet10t",
                         "--res", "32", "--batch", "4", "--repeats", "2", "--inner", "1", "--warmup", "1",
-                        "--moco", "--pipeline", "--pipeline-seconds", "0.5", "--json", str(out)],
+                        "--moco", "--cpu-bf16", "--pipeline", "--pipeline-seconds", "0.5", "--json", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert set(res["arms"]) == {"ceiling", "byol_bn", "m2", "m2_reference", "m2_grouped", "mocov2_shuffle",
-                                "mocov2_momentum"}
+                                "mocov2_momentum", "m2_bf16"}
     for arm in res["arms"].values():
         assert arm["median_s"] > 0 and len(arm["all_s"]) == 2
     assert set(res["ratios"]) == {"m2/ceiling", "m2/byol_bn", "m2_reference/m2", "m2_grouped/m2",
-                                  "mocov2_momentum/mocov2_shuffle"}
+                                  "mocov2_momentum/mocov2_shuffle", "m2_bf16/m2"}
     assert res["pipeline"]["96px_pairs_per_s_per_core"] > 0
     assert res["pipeline"]["96px_pairs_per_s_per_core_torchvision_blur"] > 0
     assert res["pipeline"]["96px_pairs_per_s_per_core_geometric"] > 0

@@ -263,7 +263,8 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self.cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if (self.cuda and cfg.train.amp) else None
+        self.amp_dtype = (torch.bfloat16 if cfg.train.amp and (self.cuda or cfg.train.amp_cpu)
+                          else None)
 
         # data: the whole two-view pipeline in the loader workers, or only decode + crop + flip
         # there and the rest batched on the device (``self.batch_aug``)
