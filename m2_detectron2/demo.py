@@ -150,8 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         s = run(args.output_dir, args.pretrain, args.det, args.seed, args.reuse_pretraining)
     except RunDirError as e:
-        raise SystemExit(f"error: {e} (for the demo: pass another --output-dir or remove "
-                         f"{args.output_dir})") from None
+        raise SystemExit(f"error: {e}. For the demo: write elsewhere (`make demo "
+                         f"DEMO_OUT=other_dir` or --output-dir), rerun only the detectors on the "
+                         f"pretraining there (--reuse-pretraining), or remove {args.output_dir}"
+                         ) from None
     pretrain_demo.print_summary(s["pretrain"])
     print(f"\nMask R-CNN R18-FPN, embedded shapes val (COCO AP, %)")
     print(f"{'initialisation':<28} {'box AP':>7} {'box AP50':>9} {'mask AP':>8} "

@@ -341,3 +341,21 @@ def test_train_net_main_trains_then_eval_only_writes_results(data, weights, tmp_
     res2 = main(train_net.parse_args(["--config-file", cfg_file, "--eval-only", "MODEL.WEIGHTS",
                                       str(out / "model_final.pth")] + common))
     assert res2["bbox"]["AP"] == pytest.approx(res["bbox"]["AP"], nan_ok=True)
+
+
+def test_demo_into_an_output_dir_with_a_run_says_what_to_do(tmp_path):
+    """A second `make demo` into the same folder stops before touching it, naming the ways on."""
+    from m2_detectron2 import demo
+
+    ckpt = tmp_path / "pretrain" / "ckpt_00000010.pth"
+    ckpt.parent.mkdir()
+    torch.save({}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--output-dir", str(tmp_path)])
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "already holds a run" in msg
+    assert "make demo DEMO_OUT=" in msg and "--reuse-pretraining" in msg
+    # nothing written but the run lock: no results, no export, the checkpoint untouched
+    assert sorted(p.name for p in tmp_path.rglob("*") if not p.name.startswith(".")) == [
+        "ckpt_00000010.pth", "pretrain"]
+    assert torch.load(ckpt) == {}
