@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"pretraining there (--reuse-pretraining), or remove {args.output_dir}"
                          ) from None
     pretrain_demo.print_summary(s["pretrain"])
-    print(f"\nMask R-CNN R18-FPN, embedded shapes val (COCO AP, %)")
+    print("\nMask R-CNN R18-FPN, embedded shapes val (COCO AP, %)")
     print(f"{'initialisation':<28} {'box AP':>7} {'box AP50':>9} {'mask AP':>8} "
           f"{'mask AP50':>10} {'time':>7}")
     for name, r in s["detection"].items():
