@@ -187,24 +187,23 @@ def test_knn_monitor_and_gradient_accumulation(tmp_path):
     assert (tmp_path / "tb").is_dir() and any((tmp_path / "tb").iterdir())
 
 
-@pytest.mark.parametrize("amp_cpu", [False, True])
-def test_amp_cpu_runs_the_step_in_bf16(tmp_path, amp_cpu):
+def test_amp_cpu_runs_the_step_in_bf16(tmp_path):
     """``train.amp_cpu``: every convolution of the step runs in bf16 on the CPU (fp32 without
-    it); parameters and BN state stay fp32, and the first losses stay close to fp32's."""
-    cfg = tiny_config(train={"max_steps": 2, "amp_cpu": amp_cpu})
-    t = Trainer(cfg, tmp_path, progress=False)
-    seen = set()
-    convs = [m for m in t.model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs
-    for m in convs:
-        m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
-    losses = [loss for _, loss in _losses(t.fit())]
-    assert seen == ({torch.bfloat16} if amp_cpu else {torch.float32})
-    assert all(p.dtype == torch.float32 for p in t.model.parameters())
-    assert all(b.dtype in (torch.float32, torch.int64) and torch.isfinite(b.float()).all()
-               for b in t.model.buffers())
-    if amp_cpu:  # the same data, init and seed in fp32
-        ref = Trainer(tiny_config(train={"max_steps": 2}), tmp_path / "fp32", progress=False)
-        ref_losses = [loss for _, loss in _losses(ref.fit())]
-        assert losses != ref_losses
-        assert losses == pytest.approx(ref_losses, rel=0.03)
+    it); parameters and BN state stay fp32, and the first losses stay close to fp32's (same
+    data, init and seed)."""
+    losses = {}
+    for amp_cpu in (False, True):
+        t = Trainer(tiny_config(train={"max_steps": 2, "amp_cpu": amp_cpu}),
+                    tmp_path / f"amp_cpu_{amp_cpu}", progress=False)
+        seen = set()
+        convs = [m for m in t.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs
+        for m in convs:
+            m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+        losses[amp_cpu] = [loss for _, loss in _losses(t.fit())]
+        assert seen == ({torch.bfloat16} if amp_cpu else {torch.float32})
+        assert all(p.dtype == torch.float32 for p in t.model.parameters())
+        assert all(b.dtype in (torch.float32, torch.int64) and torch.isfinite(b.float()).all()
+                   for b in t.model.buffers())
+    assert losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=0.03)
