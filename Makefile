@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-d2-upstream install clean
 
 $(STAMP): requirements/base.txt requirements/detectron2-v0.6.txt scripts/install.sh scripts/install_detectron2.sh pyproject.toml
 	bash scripts/install.sh
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The Detectron2-facing tests against Detectron2 built from a source tree or .tar.gz, in a
+# scratch venv outside the repository (${M2_SCRATCH:-/tmp}/m2-d2-upstream/<hash>), built once.
+test-d2-upstream:
+	@test -n "$(D2_SRC)" || { echo "usage: make test-d2-upstream D2_SRC=<detectron2 source tree or .tar.gz>" >&2; exit 2; }
+	bash scripts/test_d2_upstream.sh "$(D2_SRC)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output

@@ -1,6 +1,6 @@
 """M2FCOS: AdelaiDet's FCOS (the paper's supervised FCOS baseline) against Detectron2's, one test
-per difference, checked against plain re-computations; and training on images without
-instances (Detectron2 v0.6 crashes there)."""
+per difference, checked against plain re-computations (target assignment included); and
+training on images without instances (Detectron2 v0.6 crashes there)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import torchvision
 
 import m2_detectron2  # noqa: F401  (stand-in first)
-import detectron2
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from detectron2.modeling.meta_arch.fcos import FCOS
@@ -128,7 +127,7 @@ def _reference_losses(model, batch):
     target = torch.zeros_like(logits)
     target[pos, labels[pos]] = 1.0
     cls = torchvision.ops.sigmoid_focal_loss(logits, target, 0.25, 2.0, reduction="sum")
-    gt = torch.stack([b.tensor for b in gt_boxes])[pos]
+    gt = torch.stack(gt_boxes)[pos]
     c, s = centers.expand(len(batch), -1, -1)[pos], stride.expand(len(batch), -1)[pos]
     d = deltas[pos].clamp(min=0) * s[:, None]
     pred = torch.stack([c[:, 0] - d[:, 0], c[:, 1] - d[:, 1], c[:, 0] + d[:, 2],
@@ -259,7 +258,9 @@ def test_fcos_trains_a_step_with_an_image_without_instances(variant):
     assert labels[0].tolist() == [model.num_classes] * sum(len(a) for a in anchors)
 
 
-@pytest.mark.skipif(detectron2.__version__ != "0.6", reason="the guarded crash is v0.6's")
+@pytest.mark.skipif(not hasattr(FCOS, "match_anchors"),
+                    reason="Detectron2 after v0.6 (upstream ef2c3abb) handles images without "
+                           "instances in FCOS: only v0.6's label_anchors crashes there")
 def test_detectron2_v06_fcos_crashes_without_instances():
     """Why the guard exists: the installed v0.6 FCOS fails on an image without instances."""
     model = _fcos("detectron2")
@@ -267,3 +268,88 @@ def test_detectron2_v06_fcos_crashes_without_instances():
     anchors = model.anchor_generator(feats)
     with pytest.raises((RuntimeError, IndexError)):
         FCOS.label_anchors(model, anchors, [_sample([], [])["instances"]])
+
+
+def _adelaidet_targets(height, width, boxes, classes, num_classes, strides=(8, 16, 32, 64, 128),
+                       sizes_of_interest=(64, 128, 256, 512), radius=1.5):
+    """AdelaiDet's FCOS target assignment, written out location by location in float64.
+
+    Level k has locations (i·s + s//2, j·s + s//2) and takes boxes whose largest distance from
+    the location to a side lies in [bounds[k], bounds[k + 1]], both inclusive (bounds -1, 64,
+    128, 256, 512, inf). The location must lie strictly inside the square of half-side
+    radius·s around the box centre, clipped to the box. Among the boxes left, the one of
+    smallest area; the first one on equal areas (torch.min's index on CPU). Locations are
+    listed level by level, row by row, as the head's outputs are flattened.
+
+    Returns:
+        labels (num_classes for background) and matched boxes (None for background).
+    """
+    bounds = [-1.0, *sizes_of_interest, math.inf]
+    areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
+    labels, matched = [], []
+    for k, s in enumerate(strides):
+        for j in range(height // s):
+            for i in range(width // s):
+                px, py = i * s + s // 2, j * s + s // 2
+                best = None
+                for m, (x0, y0, x1, y1) in enumerate(boxes):
+                    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, radius * s
+                    if not (max(cx - r, x0) < px < min(cx + r, x1)
+                            and max(cy - r, y0) < py < min(cy + r, y1)):
+                        continue
+                    if not bounds[k] <= max(px - x0, py - y0, x1 - px, y1 - py) <= bounds[k + 1]:
+                        continue
+                    if best is None or areas[m] < areas[best]:
+                        best = m
+                labels.append(num_classes if best is None else classes[best])
+                matched.append(None if best is None else boxes[best])
+    return labels, matched
+
+
+def _location_index(stride, x, y, side=256):
+    """Index of location (x, y) of the level of ``stride`` in the flattened outputs."""
+    offset = sum((side // s) ** 2 for s in (8, 16, 32, 64, 128) if s < stride)
+    return offset + (y // stride) * (side // stride) + x // stride
+
+
+# 10003 px^2 exactly: 89.3125 x 112, around the centre of the 100 x 100 box (10000 px^2)
+NEAR_EQUAL = [[65.34375, 54.0, 154.65625, 166.0], [60.0, 60.0, 160.0, 160.0]]
+TARGET_IMAGES = [
+    # nested (the second inside the first) and overlapping (the third crosses both)
+    ([[16.0, 16.0, 240.0, 240.0], [96.0, 96.0, 160.0, 160.0], [120.0, 40.0, 250.0, 150.0]],
+     [0, 1, 2]),
+    # boundaries: P4 location (72, 72) is exactly 64 px from the first box's left and right
+    # sides, P3 location (100, 164) exactly 64 px from the second's
+    ([[8.0, 40.0, 136.0, 104.0], [36.0, 140.0, 164.0, 188.0]], [2, 1]),
+    # near-equal areas, the larger first: 10003 vs 10000 px^2
+    (NEAR_EQUAL, [1, 0]),
+    # equal areas (64 x 64), overlapping centre regions; and a single box
+    ([[150.0, 150.0, 214.0, 214.0], [158.0, 154.0, 222.0, 218.0], [20.0, 30.0, 60.0, 90.0]],
+     [0, 2, 1]),
+]
+
+
+def test_adelaidet_targets_match_a_per_location_implementation_of_adelaidets_rule():
+    model, d2 = _fcos("adelaidet"), _fcos("detectron2")
+    feats = [torch.zeros(1, 16, 256 // s, 256 // s) for s in (8, 16, 32, 64, 128)]
+    anchors = model.anchor_generator(feats)
+    gts = [_sample(b, c, size=256)["instances"] for b, c in TARGET_IMAGES]
+    labels, boxes = model.label_anchors(anchors, gts)
+    d2_labels, _ = d2.label_anchors(anchors, gts)
+    for (b, c), label, box in zip(TARGET_IMAGES, labels, boxes):
+        ref_labels, ref_boxes = _adelaidet_targets(256, 256, b, c, model.num_classes)
+        assert label.tolist() == ref_labels
+        pos = [i for i, r in enumerate(ref_boxes) if r is not None]
+        assert box[pos].tolist() == [ref_boxes[i] for i in pos]
+        assert len(pos) >= 10
+    # the cases where AdelaiDet's rule differs from Detectron2's are in the images
+    p4 = _location_index(16, 72, 72)
+    assert labels[1][p4] == 2 and d2_labels[1][p4] == model.num_classes
+    p3 = _location_index(8, 100, 164)
+    assert labels[1][p3] == 1 and d2_labels[1][p3] == model.num_classes
+    smaller = (labels[2] == 0) & (d2_labels[2] == 1)  # Detectron2's key ties 10003 with 10000
+    assert smaller.sum() >= 4
+    # equal areas: locations that are candidates of both boxes exist (and take the first)
+    (b, c), n = TARGET_IMAGES[3], model.num_classes
+    first, second = (_adelaidet_targets(256, 256, [b[i]], [c[i]], n)[0] for i in (0, 1))
+    assert sum(x == c[0] and y == c[1] for x, y in zip(first, second)) >= 4

@@ -1,13 +1,15 @@
 """FCOS for yacs configs, in two variants.
 
 Detectron2 ships FCOS only as a LazyConfig model. ``M2FCOS`` subclasses Detectron2's ``FCOS``
-(its anchor-point matching with centre sampling, focal loss and box decoding are reused) with a
-``from_config`` that reads ``cfg.MODEL.FCOS``; it is registered as
-``META_ARCHITECTURE: "M2FCOS"``. ``MODEL.FCOS.VARIANT`` picks the head, loss and inference:
+(its anchor points, focal loss and box decoding are reused) with a ``from_config`` that reads
+``cfg.MODEL.FCOS``; it is registered as ``META_ARCHITECTURE: "M2FCOS"``.
+``MODEL.FCOS.VARIANT`` picks the matching, head, loss and inference:
 
 ``"adelaidet"`` (the shipped configs): FCOS as AdelaiDet's ``FCOS_R_50_1x`` trains it, the
     supervised baseline of the paper's Table 10 (38.7 AP):
 
+    - targets assigned by AdelaiDet's rule (:func:`match_locations`): centre sampling, size
+      ranges with inclusive bounds, and the smallest-area box for a location inside several;
     - a learnable scalar per FPN level multiplies the regression output (initialised to 1);
     - the GIoU loss of each positive location (IoU smoothed as (inter + 1) / (union + 1), areas
       in stride units, as AdelaiDet computes it) is weighted by its centerness target and the
@@ -18,7 +20,9 @@ Detectron2 ships FCOS only as a LazyConfig model. ``M2FCOS`` subclasses Detectro
       ``SCORE_THRESH_TEST`` (0.05); candidates are ranked (top ``TOPK_CANDIDATES_TEST`` per
       level) and reported by sqrt(cls x centerness).
 
-``"detectron2"``: Detectron2's own ``FCOS`` class unchanged: no scales, plain GIoU summed over
+``"detectron2"``: Detectron2's own ``FCOS`` class unchanged: Detectron2's matching (exclusive
+    size bounds; ties broken by a float32 ``1e8 - area`` key, under which areas a few px^2 apart
+    compare equal and the first box wins, not the smaller), no scales, plain GIoU summed over
     positives, all losses divided by a moving average of the number of positives, candidates
     kept when sqrt(cls x centerness) exceeds ``SCORE_THRESH_TEST`` (Detectron2 uses 0.2).
 
@@ -31,7 +35,8 @@ and Detectron2's LazyConfig do), not from C5 as RetinaNet's does.
 
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -92,6 +97,73 @@ def ltrb_giou_loss(pred: Tensor, target: Tensor) -> Tensor:
     union = pred_area + target_area - inter
     iou = (inter + 1.0) / (union + 1.0)
     return 1.0 - (iou - (enclosing - union) / enclosing)
+
+
+# Detectron2 v0.6's FCOS matches in ``match_anchors`` and hands the matched boxes from
+# ``label_anchors`` to ``losses`` as ``Boxes``; later Detectron2 (upstream commit ef2c3abb,
+# "Handle empty instances in FCOS") hands over tensors. M2FCOS keeps tensors and converts at its
+# two calls into Detectron2's methods: the only place that tells the versions apart.
+_D2_FCOS_PASSES_BOXES = hasattr(FCOS, "match_anchors")
+
+
+def _from_d2_boxes(boxes) -> List[Tensor]:
+    return [b.tensor for b in boxes] if _D2_FCOS_PASSES_BOXES else list(boxes)
+
+
+def _to_d2_boxes(boxes: List[Tensor]):
+    return [Boxes(b) for b in boxes] if _D2_FCOS_PASSES_BOXES else boxes
+
+
+def fcos_size_ranges(strides: Sequence[int]) -> List[Tuple[float, float]]:
+    """AdelaiDet's sizes of interest for FPN levels of the given strides.
+
+    Level ``k`` takes the locations whose largest distance to the sides of a box lies in
+    [4·s_k, 8·s_k], both bounds inclusive; the first level starts at -1 and the last is
+    unbounded. For P3–P7 (strides 8–128) the boundaries are 64, 128, 256 and 512 px.
+
+    Returns:
+        one (low, high) pair per level.
+    """
+    last = len(strides) - 1
+    return [(-1.0 if k == 0 else 4.0 * s, math.inf if k == last else 8.0 * s)
+            for k, s in enumerate(strides)]
+
+
+def match_locations(points: Tensor, strides: Tensor, size_ranges: Tensor, boxes: Tensor,
+                    radius: float) -> Tensor:
+    """FCOS target assignment as AdelaiDet defines it, for one image.
+
+    A location is a candidate for a box when it lies strictly inside the box's centre region
+    (the square of half-side ``radius`` x its stride around the box centre, clipped to the box)
+    and the largest of its four distances to the box sides lies in its level's size range
+    (inclusive). Among the candidates it takes the box of smallest area, the first such box on
+    equal areas; a location without candidates is background.
+
+    Args:
+        points: (R, 2) location coordinates (x, y), in pixels.
+        strides: (R,) stride of each location's level.
+        size_ranges: (R, 2) inclusive (low, high) range of each location's level.
+        boxes: (M, 4) ground-truth boxes (x0, y0, x1, y1), M >= 1.
+        radius: centre-sampling radius, in strides.
+
+    Returns:
+        (R,) index of the matched box, -1 for background.
+    """
+    x, y = points[:, 0, None], points[:, 1, None]  # (R, 1)
+    x0, y0, x1, y1 = boxes.unbind(dim=1)  # (M,)
+    half = radius * strides[:, None]  # (R, 1)
+    cx, cy = (x0 + x1) * 0.5, (y0 + y1) * 0.5
+    region = torch.stack([x - torch.maximum(cx - half, x0), y - torch.maximum(cy - half, y0),
+                          torch.minimum(cx + half, x1) - x, torch.minimum(cy + half, y1) - y],
+                         dim=2)  # (R, M, 4)
+    largest = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2).max(dim=2).values  # (R, M)
+    candidate = (region.min(dim=2).values > 0) & (largest >= size_ranges[:, :1]) & (
+        largest <= size_ranges[:, 1:])
+    area = torch.where(candidate, ((x1 - x0) * (y1 - y0))[None], math.inf)  # (R, M)
+    smallest = area.min(dim=1, keepdim=True).values
+    index = (area == smallest).to(torch.int32).argmax(dim=1)  # argmax: the first maximum
+    index[smallest[:, 0] == math.inf] = -1
+    return index
 
 
 class M2FCOSHead(FCOSHead):
@@ -163,44 +235,60 @@ class M2FCOS(FCOS):
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
 
-    # ---- matching: Detectron2's rule, plus images without instances (v0.6 crashes on them)
+    # ---- matching
 
     @torch.no_grad()
-    def match_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
+    def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
+        """Class label (``num_classes`` for background) and matched box of every anchor point.
+
+        ``"adelaidet"``: :func:`match_locations`, AdelaiDet's rule. ``"detectron2"``:
+        Detectron2's own matching (exclusive size bounds, ties broken by a float32
+        ``1e8 - area`` key), applied to the images that have instances.
+
+        Args:
+            anchors: one ``Boxes`` per level, side = stride, centred on the locations.
+            gt_instances: per image, ``gt_boxes`` and ``gt_classes``.
+
+        Returns:
+            per image, labels (R,) and matched boxes (R, 4) as tensors; an image without
+            instances labels every location as background (Detectron2 v0.6 crashes there).
+        """
         num_anchors = sum(len(a) for a in anchors)
         matched = [None] * len(gt_instances)
         nonempty = [i for i, g in enumerate(gt_instances) if len(g) > 0]
-        if nonempty:
-            for i, m in zip(nonempty, super().match_anchors(
-                    anchors, [gt_instances[i] for i in nonempty])):
-                matched[i] = m
+        if self.variant == "detectron2" and nonempty:
+            labels, boxes = super().label_anchors(anchors, [gt_instances[i] for i in nonempty])
+            for i, label, box in zip(nonempty, labels, _from_d2_boxes(boxes)):
+                matched[i] = (label, box)
+        elif nonempty:
+            points = Boxes.cat(anchors).get_centers()
+            strides, ranges = [], []
+            for a, s, r in zip(anchors, self.anchor_generator.strides,
+                               fcos_size_ranges(self.anchor_generator.strides)):
+                strides.append(torch.full((len(a),), float(s)))
+                ranges.append(torch.tensor(r).expand(len(a), 2))
+            strides = torch.cat(strides).to(points.device)
+            ranges = torch.cat(ranges).to(points.device)
+            for i in nonempty:
+                gt = gt_instances[i]
+                index = match_locations(points, strides, ranges, gt.gt_boxes.tensor,
+                                        self.center_sampling_radius)
+                label = gt.gt_classes[index.clip(min=0)]
+                label[index < 0] = self.num_classes
+                matched[i] = (label, gt.gt_boxes.tensor[index.clip(min=0)])
         device = anchors[0].tensor.device
-        return [m if m is not None else torch.full((num_anchors,), -1, dtype=torch.long,
-                                                    device=device) for m in matched]
-
-    @torch.no_grad()
-    def label_anchors(self, anchors, gt_instances):
-        matched_indices = self.match_anchors(anchors, gt_instances)
-        anchor_boxes = Boxes.cat(anchors).tensor
-        labels, boxes = [], []
-        for gt_index, gt in zip(matched_indices, gt_instances):
-            if len(gt) == 0:  # all background; the boxes are never read for background
-                labels.append(torch.full_like(gt_index, self.num_classes))
-                boxes.append(Boxes(anchor_boxes.clone()))
-                continue
-            label = gt.gt_classes[gt_index.clip(min=0)]
-            label[gt_index < 0] = self.num_classes
-            labels.append(label)
-            boxes.append(gt.gt_boxes[gt_index.clip(min=0)])
-        return labels, boxes
+        background = (torch.full((num_anchors,), self.num_classes, dtype=torch.long,
+                                 device=device), torch.zeros(num_anchors, 4, device=device))
+        matched = [m if m is not None else background for m in matched]
+        return [m[0] for m in matched], [m[1] for m in matched]
 
     # ---- losses
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes,
                pred_centerness):
         if self.variant == "detectron2":
-            return super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes,
-                                  pred_centerness)
+            return super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas,
+                                  _to_d2_boxes(gt_boxes), pred_centerness)
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos = (gt_labels >= 0) & (gt_labels != self.num_classes)
@@ -215,7 +303,7 @@ class M2FCOS(FCOS):
 
         anchor_boxes = Boxes.cat(anchors).tensor  # (R, 4)
         pos_anchors = anchor_boxes.unsqueeze(0).expand(num_images, -1, -1)[pos]
-        pos_gt = torch.stack([b.tensor for b in gt_boxes])[pos]
+        pos_gt = torch.stack(gt_boxes)[pos]
         # distances to the four box sides in stride units (the linear transform divides by the
         # anchor size, which is the stride); predictions are clamped at 0 as decoding does
         target_ltrb = self.box2box_transform.get_deltas(pos_anchors, pos_gt)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Run the Detectron2-facing tests against a Detectron2 built from source.
+#
+# Usage: scripts/test_d2_upstream.sh <detectron2 source tree or .tar.gz> [pytest args...]
+#
+# The source is built once, with its C++ ops, into a scratch venv outside the repository:
+# $M2_SCRATCH/m2-d2-upstream/<key>/venv (M2_SCRATCH defaults to /tmp), where <key> hashes the
+# source, the Python version and the requirement files. The venv holds requirements/base.txt
+# (the same pinned torch as .venv) and requirements/detectron2-upstream.txt; the repository is
+# put on PYTHONPATH, nothing is installed into it or into .venv. Later runs with the same source
+# reuse the venv. MAX_JOBS caps the compile jobs (default: the number of CPUs).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python3.11}
+SRC=${1:?usage: scripts/test_d2_upstream.sh <detectron2 source tree or .tar.gz> [pytest args...]}
+shift
+REQS=("$HERE/requirements/base.txt" "$HERE/requirements/detectron2-upstream.txt")
+TESTS=(tests/test_convert_d2.py tests/test_d2_checks.py tests/test_d2_fcos.py
+       tests/test_d2_plugin.py tests/test_d2_safety.py tests/test_d2_standin.py)
+
+if [[ -f "$SRC" ]]; then
+  [[ "$SRC" == *.tar.gz || "$SRC" == *.tgz ]] || { echo "D2_SRC=$SRC: expected a .tar.gz or a source directory" >&2; exit 2; }
+  src_hash=$(sha256sum < "$SRC")
+elif [[ -f "$SRC/setup.py" && -d "$SRC/detectron2" ]]; then
+  # content of the tree, without VCS data and build outputs
+  src_hash=$(cd "$SRC" && find . -type f ! -path './.git/*' ! -path './build/*' \
+    ! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -name '*.so' -print0 | sort -z \
+    | xargs -0 sha256sum | sha256sum)
+else
+  echo "D2_SRC=$SRC is neither a .tar.gz nor a Detectron2 source tree (with setup.py and detectron2/)" >&2
+  exit 2
+fi
+KEY=$( { echo "$src_hash"; "$PYTHON" -VV; cat "${REQS[@]}"; } | sha256sum | cut -c1-16)
+ROOT=${M2_SCRATCH:-/tmp}/m2-d2-upstream
+DIR=$ROOT/$KEY
+VENV=$DIR/venv
+mkdir -p "$ROOT"
+
+build() {
+  echo "[test-d2-upstream] building $SRC into $VENV"
+  rm -rf "$DIR"
+  mkdir -p "$DIR/src"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q "${REQS[@]/#/-r}"
+  if [[ -f "$SRC" ]]; then
+    tar -xzf "$SRC" -C "$DIR/src"
+  else
+    tar -C "$SRC" --exclude=./.git --exclude=./build -cf - . | tar -C "$DIR/src" -xf -
+  fi
+  local tree=$DIR/src
+  [[ -f "$tree/setup.py" ]] || tree=$(dirname "$(find "$DIR/src" -mindepth 2 -maxdepth 2 -name setup.py | head -1)")
+  [[ -f "$tree/setup.py" ]] || { echo "no setup.py in $SRC" >&2; exit 2; }
+  # --no-deps: its dependencies are the pinned ones above (pip check below verifies them)
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/pip" install -q --no-deps --no-build-isolation "$tree"
+  "$VENV/bin/pip" check
+  rm -rf "$DIR/src"
+  "$VENV/bin/python" -c "from detectron2 import _C; import detectron2; print('[test-d2-upstream] built detectron2', detectron2.__version__, 'with C++ ops')"
+  touch "$DIR/.built"
+}
+
+# one build per key at a time; an interrupted build (no .built stamp) starts over
+exec 9>"$ROOT/$KEY.lock"
+flock 9
+if [[ -f "$DIR/.built" ]]; then
+  echo "[test-d2-upstream] reusing $VENV"
+else
+  build
+fi
+flock -u 9
+
+cd "$HERE"
+PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  "${TESTS[@]}" "$@"
