@@ -5,21 +5,25 @@
 #
 # The source is built once, with its C++ ops, into a scratch venv outside the repository:
 # $M2_SCRATCH/m2-d2-upstream/<key>/venv (M2_SCRATCH defaults to /tmp), where <key> hashes the
-# source, the Python version and the requirement files. The venv holds requirements/base.txt
-# (the same pinned torch as .venv) and requirements/detectron2-upstream.txt; the repository is
-# put on PYTHONPATH, nothing is installed into it or into .venv. Later runs with the same source
-# reuse the venv. MAX_JOBS caps the compile jobs (default: the number of CPUs).
+# source, the Python version and the torch/torchvision pins. The venv holds requirements/base.txt
+# (the same pinned torch as .venv) and requirements/detectron2-upstream.txt, re-synced on every
+# run (a no-op when nothing changed); the repository is put on PYTHONPATH, nothing is installed
+# into it or into .venv. MAX_JOBS caps the compile jobs (default: the number of CPUs).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3.11}
 SRC=${1:?usage: scripts/test_d2_upstream.sh <detectron2 source tree or .tar.gz> [pytest args...]}
 shift
+[[ -e "$SRC" ]] || { echo "D2_SRC=$SRC does not exist" >&2; exit 2; }
+SRC=$(realpath "$SRC")
+cd "$HERE"
 REQS=("$HERE/requirements/base.txt" "$HERE/requirements/detectron2-upstream.txt")
-TESTS=(tests/test_convert_d2.py tests/test_d2_checks.py tests/test_d2_fcos.py
-       tests/test_d2_plugin.py tests/test_d2_safety.py tests/test_d2_standin.py)
+# converter, plugin (configs, train_net), FCOS, setup checks, safety
+TESTS=(tests/test_convert_d2.py tests/test_d2_*.py)
 
 if [[ -f "$SRC" ]]; then
-  [[ "$SRC" == *.tar.gz || "$SRC" == *.tgz ]] || { echo "D2_SRC=$SRC: expected a .tar.gz or a source directory" >&2; exit 2; }
+  [[ "$SRC" == *.tar.gz || "$SRC" == *.tgz ]] \
+    || { echo "D2_SRC=$SRC: expected a .tar.gz or a source directory" >&2; exit 2; }
   src_hash=$(sha256sum < "$SRC")
 elif [[ -f "$SRC/setup.py" && -d "$SRC/detectron2" ]]; then
   # content of the tree, without VCS data and build outputs
@@ -27,10 +31,13 @@ elif [[ -f "$SRC/setup.py" && -d "$SRC/detectron2" ]]; then
     ! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -name '*.so' -print0 | sort -z \
     | xargs -0 sha256sum | sha256sum)
 else
-  echo "D2_SRC=$SRC is neither a .tar.gz nor a Detectron2 source tree (with setup.py and detectron2/)" >&2
+  echo "D2_SRC=$SRC is neither a .tar.gz nor a Detectron2 source tree" \
+    "(with setup.py and detectron2/)" >&2
   exit 2
 fi
-KEY=$( { echo "$src_hash"; "$PYTHON" -VV; cat "${REQS[@]}"; } | sha256sum | cut -c1-16)
+# what the compiled ops depend on: the source, the interpreter, torch
+KEY=$( { echo "$src_hash"; "$PYTHON" -VV; grep -E '^torch(vision)?==' "${REQS[0]}"; } \
+  | sha256sum | cut -c1-16)
 ROOT=${M2_SCRATCH:-/tmp}/m2-d2-upstream
 DIR=$ROOT/$KEY
 VENV=$DIR/venv
@@ -41,20 +48,23 @@ build() {
   rm -rf "$DIR"
   mkdir -p "$DIR/src"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q "${REQS[@]/#/-r}"
+  "$VENV/bin/python" -m pip install -q "${REQS[@]/#/-r}"
   if [[ -f "$SRC" ]]; then
     tar -xzf "$SRC" -C "$DIR/src"
   else
     tar -C "$SRC" --exclude=./.git --exclude=./build -cf - . | tar -C "$DIR/src" -xf -
   fi
   local tree=$DIR/src
-  [[ -f "$tree/setup.py" ]] || tree=$(dirname "$(find "$DIR/src" -mindepth 2 -maxdepth 2 -name setup.py | head -1)")
+  if [[ ! -f "$tree/setup.py" ]]; then  # an archive with a top-level folder
+    tree=$(dirname "$(find "$DIR/src" -mindepth 2 -maxdepth 2 -name setup.py | head -1)")
+  fi
   [[ -f "$tree/setup.py" ]] || { echo "no setup.py in $SRC" >&2; exit 2; }
-  # --no-deps: its dependencies are the pinned ones above (pip check below verifies them)
-  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/pip" install -q --no-deps --no-build-isolation "$tree"
-  "$VENV/bin/pip" check
+  # --no-deps: its dependencies are the pinned ones above (pip check verifies them)
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -m pip install -q --no-deps \
+    --no-build-isolation "$tree"
   rm -rf "$DIR/src"
-  "$VENV/bin/python" -c "from detectron2 import _C; import detectron2; print('[test-d2-upstream] built detectron2', detectron2.__version__, 'with C++ ops')"
+  "$VENV/bin/python" -c "from detectron2 import _C, __version__ as v
+print('[test-d2-upstream] built detectron2', v, 'with its C++ ops')"
   touch "$DIR/.built"
 }
 
@@ -63,11 +73,12 @@ exec 9>"$ROOT/$KEY.lock"
 flock 9
 if [[ -f "$DIR/.built" ]]; then
   echo "[test-d2-upstream] reusing $VENV"
+  "$VENV/bin/python" -m pip install -q "${REQS[@]/#/-r}"
 else
   build
 fi
+"$VENV/bin/python" -m pip check  # detectron2's own requirements hold with the pins
 flock -u 9
 
-cd "$HERE"
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   "${TESTS[@]}" "$@"
