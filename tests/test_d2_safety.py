@@ -224,7 +224,8 @@ def test_setup_is_validated_once_before_launch(tmp_path):
     with pytest.raises(SetupError, match="M2.RANDOM_INIT"):
         validate_setup(_args(*data[:6], config=timm_cfg))
     # a dataset registered by the parent's check can be set up again by main() in-process
-    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "a.json").write_text('{"images": [], "annotations": [], '
+                                     '"categories": [{"id": 1, "name": "x"}]}')
     spec = f"mine_{os.getpid()}={tmp_path / 'a.json'}:{tmp_path}"
     assert register_coco_spec(spec) == register_coco_spec(spec)
     (tmp_path / "other").mkdir()
