@@ -210,15 +210,20 @@ def model_shapes(cfg) -> tuple[dict[str, tuple], str]:
     return shapes, prefix
 
 
-def loadable_keys(shapes: dict[str, tuple], loaded: dict) -> set[str]:
+def loadable_keys(shapes: dict[str, tuple], loaded: dict) -> tuple[set[str], list[str]]:
     """The model keys (of ``shapes``) that Detectron2's checkpointer fills from ``loaded``
     (what :func:`m2_detectron2.checkpoint.load_weights_file` returns): matched by name
-    heuristics when the file asks for them, else by exact name, with equal shapes."""
+    heuristics when the file asks for them, else by exact name, with equal shapes.
+
+    Returns:
+        (keys that load, "key (file shape, model shape)" of names found with other shapes;
+        the heuristic matching skips those silently, so the list is empty there).
+    """
     import torch
 
     sd = loaded.get("model")
     if not isinstance(sd, dict):
-        return set()
+        return set(), []
     sd = {k: v for k, v in sd.items() if isinstance(k, str) and hasattr(v, "shape")}
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -234,17 +239,28 @@ def loadable_keys(shapes: dict[str, tuple], loaded: dict) -> set[str]:
             raise SetupError(f"weights cannot be matched to the model: {e}") from None
         finally:
             quiet.disabled = was
-    return {k for k, s in shapes.items() if k in sd and tuple(sd[k].shape) == s}
+    matched = {k for k, s in shapes.items() if k in sd and tuple(sd[k].shape) == s}
+    other = [f"{k} ({tuple(sd[k].shape)} in the file, {s} in the model)"
+             for k, s in shapes.items() if k in sd and tuple(sd[k].shape) != s]
+    return matched, other
 
 
-def _likely_cause(cfg, loaded: dict, backbone_matched: bool, eval_only: bool) -> str:
+def _likely_cause(cfg, loaded: dict, backbone_matched: bool, other_shapes: list[str],
+                  unmatched: list[str], resumed: bool) -> str:
     """What the weights most likely are, and what to do, for a file that does not fit."""
     from .convert import ConversionError, resnet_depth
 
     sd = loaded.get("model") if isinstance(loaded.get("model"), dict) else {}
     keys = [k[len("module."):] if k.startswith("module.") else k for k in sd if isinstance(k, str)]
     timm_backbone = cfg.MODEL.BACKBONE.NAME in TIMM_BACKBONES
+    if other_shapes:
+        return (f"shapes differ for {other_shapes[0]}"
+                + (f" and {len(other_shapes) - 1} more" if len(other_shapes) > 1 else "")
+                + " (weights of a model with another NUM_CLASSES or architecture?)")
     if backbone_matched:
+        if resumed:
+            return ("it holds backbone weights only, not a checkpoint of this model: restore "
+                    "the run's checkpoint, or start without --resume in a new OUTPUT_DIR")
         return ("it holds backbone weights only; --eval-only needs a trained detector "
                 "(OUTPUT_DIR/model_final.pth of a run with this config)")
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
@@ -265,18 +281,17 @@ def _likely_cause(cfg, loaded: dict, backbone_matched: bool, eval_only: bool) ->
             return (f"it holds ResNet-{depth} weights but the config builds ResNet-{want} "
                     f"(MODEL.RESNETS.DEPTH): use ResNet-{want} weights or set "
                     f"MODEL.RESNETS.DEPTH {depth}")
-    if eval_only:
-        return ("its names or shapes differ from the model's (another architecture, or another "
-                "NUM_CLASSES?)")
-    return "its names or shapes differ from the model's backbone (another architecture?)"
+    return (f"{unmatched[0]} and {len(unmatched) - 1} more of the model's tensors are not in "
+            "it (another architecture?)" if len(unmatched) > 1 else
+            f"the model's {unmatched[0]} is not in it (another architecture?)")
 
 
 def _training_checkpoint_error(label: str, path: str, timm_backbone: bool) -> SetupError:
     if timm_backbone:
-        todo = f"m2-pretrain export {path} --out encoder.safetensors, then pass MODEL.TIMM.WEIGHTS"
+        todo = f"m2-pretrain export {path} --out encoder.pth, then pass MODEL.TIMM.WEIGHTS"
     else:
-        todo = (f"m2-pretrain export {path} --out encoder.safetensors, then "
-                "python tools/convert_to_d2.py encoder.safetensors encoder.pkl")
+        todo = (f"m2-pretrain export {path} --out encoder.pth, then "
+                "python tools/convert_to_d2.py encoder.pth encoder.pkl")
     return SetupError(f"{label} is a pretraining checkpoint: export and convert it first "
                       f"({todo})")
 
@@ -338,7 +353,7 @@ def check_weights_fit(cfg, eval_only: bool = False, resume: bool = False) -> Non
             raise SetupError(f"{what}{e}") from None
         if is_training_checkpoint(loaded.get("model")):
             raise _training_checkpoint_error(label, path, timm_backbone)
-        matched = loadable_keys(shapes, loaded)
+        matched, other_shapes = loadable_keys(shapes, loaded)
         backbone = [k for k in shapes if k.startswith(prefix)]
         wanted = list(shapes) if whole else backbone
         n = sum(k in matched for k in wanted)
@@ -346,9 +361,10 @@ def check_weights_fit(cfg, eval_only: bool = False, resume: bool = False) -> Non
             continue
         part = "model" if whole else "backbone"
         cause = _likely_cause(cfg, loaded, whole and all(k in matched for k in backbone),
-                              eval_only)
+                              [o for o in other_shapes if o.split(" ")[0] in wanted],
+                              [k for k in wanted if k not in matched], what != "MODEL.WEIGHTS=")
         msg = f"{label}: {n} of the {part}'s {len(wanted)} tensors match the file; {cause}"
         if cfg.M2.RANDOM_INIT:
             logger.warning("%s (M2.RANDOM_INIT True: the rest starts from random values)", msg)
             continue
-        raise SetupError(msg + " (M2.RANDOM_INIT True accepts it)" if not whole else msg)
+        raise SetupError(msg)
