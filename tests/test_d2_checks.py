@@ -144,6 +144,12 @@ def test_weights_must_fit_the_backbone(three_categories, r18, tmp_path):
     msg = _fit_error(_cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(enc)))
     assert msg.startswith(f"MODEL.WEIGHTS={enc}: 0 of the backbone's {n} tensors match")
     assert "convert it first with `python tools/convert_to_d2.py" in msg
+    st = enc.with_suffix(".safetensors")  # the same encoder as `export --out X.safetensors`
+    from safetensors.torch import save_file
+
+    save_file(torch.load(enc, weights_only=True), st, metadata={"m2_teacher": "{}"})
+    msg = _fit_error(_cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(st)))
+    assert f"0 of the backbone's {n} tensors match" in msg and "convert it first" in msg
     # the same file with a timm backbone belongs in MODEL.TIMM.WEIGHTS
     msg = _fit_error(_cfg(three_categories, TIMM_CFG, "MODEL.WEIGHTS", str(enc),
                           "MODEL.TIMM.ARCH", "resnet18"))
@@ -293,3 +299,63 @@ def test_test_set_files_are_checked_before_training(ten_categories, tmp_path, mo
     check_dataset_files(cfg, eval_only=True)  # --eval-only does not read DATASETS.TRAIN
     with pytest.raises(SetupError, match="training dataset coco_2017_train: annotation file"):
         check_dataset_files(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# --register-coco files are validated on registration
+
+def _coco(tmp_path, mutate=None, text=None):
+    import json
+
+    ann, img_root = write_detection_set(tmp_path, "set", 2, [1, 2])
+    if text is not None:
+        ann.write_text(text)
+    elif mutate is not None:
+        data = json.loads(ann.read_text())
+        mutate(data)
+        ann.write_text(json.dumps(data))
+    return ann, img_root
+
+
+_BROKEN = {
+    "not valid JSON": (None, '{"images": ['),
+    "has no 'images' list": (lambda d: d.pop("images"), None),
+    "has no 'categories' list": (lambda d: d.pop("categories"), None),
+    "has no 'annotations' list": (lambda d: d.pop("annotations"), None),
+    r"annotations\[1\] \(id 2\) has no valid 'bbox'": (
+        lambda d: d["annotations"][1].pop("bbox"), None),
+    r"annotations\[0\] \(id 1\) names category_id 9": (
+        lambda d: d["annotations"][0].update(category_id=9), None),
+    r"annotations\[0\] \(id 1\) names image_id 77": (
+        lambda d: d["annotations"][0].update(image_id=77), None),
+    r"images\[0\] needs id, file_name, height and width": (
+        lambda d: d["images"][0].pop("height"), None),
+    "1 of 2 image files are missing under .*, e.g. gone.png": (
+        lambda d: d["images"][1].update(file_name="gone.png"), None),
+}
+
+
+@pytest.mark.parametrize("expected", list(_BROKEN))
+def test_broken_coco_files_are_refused_on_registration(expected, tmp_path):
+    from m2_detectron2.data import DatasetSpecError
+
+    mutate, text = _BROKEN[expected]
+    ann, img_root = _coco(tmp_path, mutate, text)
+    name = f"m2broken_{abs(hash(expected))}"
+    with pytest.raises(DatasetSpecError) as e:
+        register_coco_spec(f"{name}={ann}:{img_root}")
+    assert re.match(f"dataset '{name}': {re.escape(str(ann))}:? .*{expected}", _one_line(e))
+    assert name not in DatasetCatalog.list()
+
+
+def test_masks_are_required_for_mask_models_only(tmp_path):
+    from m2_detectron2.data import DatasetSpecError
+
+    ann, img_root = _coco(tmp_path, lambda d: d["annotations"][2].pop("segmentation"))
+    with pytest.raises(DatasetSpecError, match=r"annotations\[2\] \(id 3\) has no "
+                                               r"'segmentation', which a mask model"):
+        build_config(str(CONFIGS / "demo_shapes_mask_rcnn_R18.yaml"),
+                     ["M2.RANDOM_INIT", "True"], register_coco=[f"m2nomask_a={ann}:{img_root}"])
+    # RetinaNet reads boxes only
+    register_coco_spec(f"m2nomask_b={ann}:{img_root}", need_masks=False)
+    assert MetadataCatalog.get("m2nomask_b").thing_classes == ["cat1", "cat2"]
