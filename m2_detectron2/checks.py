@@ -16,6 +16,7 @@ training run are one-line ``SetupError``s naming the key to set.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -296,6 +297,24 @@ def _training_checkpoint_error(label: str, path: str, timm_backbone: bool) -> Se
                       f"({todo})")
 
 
+def _exported_arch(path: str) -> str | None:
+    """The ``arch`` in an exported encoder's metadata (``.safetensors`` header or ``.json``
+    sidecar), without reading its tensors; None when there is none."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("m2_teacher", "{}"))
+        elif meta_path(path).is_file():
+            meta = json.loads(meta_path(path).read_text())
+        else:
+            return None
+    except (OSError, ValueError):  # unreadable metadata: no hint, the fit check still holds
+        return None
+    return meta.get("arch") if isinstance(meta, dict) else None
+
+
 def check_weights_fit(cfg, eval_only: bool = False, resume: bool = False) -> None:
     """Load each weights file the run will load and compare it with the model's tensors.
 
@@ -344,6 +363,10 @@ def check_weights_fit(cfg, eval_only: bool = False, resume: bool = False) -> Non
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
         problem = timm_weights_problem(own, sd)
         if problem:
+            arch = _exported_arch(t)
+            if arch and arch != cfg.MODEL.TIMM.ARCH:
+                problem = (f"it is a {arch} encoder (its metadata) and MODEL.TIMM.ARCH is "
+                           f"{cfg.MODEL.TIMM.ARCH}: set MODEL.TIMM.ARCH {arch}")
             raise SetupError(f"MODEL.TIMM.WEIGHTS={t}: {problem}")
     for what, path, whole in jobs:
         label = what + path

@@ -222,6 +222,10 @@ def test_eval_only_and_resume_need_the_whole_model(three_categories, r18, tmp_pa
 
 
 def test_timm_weights_are_checked_before_launch(three_categories, r18, tmp_path):
+    import json
+
+    import torch
+
     enc, pkl = r18
     cfg = _cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(enc),
                "MODEL.TIMM.ARCH", "resnet18")
@@ -229,6 +233,16 @@ def test_timm_weights_are_checked_before_launch(three_categories, r18, tmp_path)
     cfg = _cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(enc))  # resnet50
     msg = _fit_error(cfg)
     assert msg.startswith(f"MODEL.TIMM.WEIGHTS={enc}: ") and "missing from the file" in msg
+    from safetensors.torch import save_file
+
+    st = tmp_path / "encoder.safetensors"  # `m2-pretrain export` metadata names the arch
+    save_file(torch.load(enc, weights_only=True), st,
+              metadata={"m2_teacher": json.dumps({"arch": "resnet18"})})
+    msg = _fit_error(_cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(st)))
+    assert msg == (f"MODEL.TIMM.WEIGHTS={st}: it is a resnet18 encoder (its metadata) and "
+                   "MODEL.TIMM.ARCH is resnet50: set MODEL.TIMM.ARCH resnet18")
+    check_weights_fit(_cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(st),
+                           "MODEL.TIMM.ARCH", "resnet18"))
     cfg = _cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(pkl))
     msg = _fit_error(cfg)
     assert msg.startswith("MODEL.TIMM.WEIGHTS: ") and "already a Detectron2 weights file" in msg
