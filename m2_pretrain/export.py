@@ -144,5 +144,6 @@ def _load_safetensors_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor]
         try:
             meta = json.loads(header["m2_teacher"])
         except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: its m2_teacher metadata is not valid JSON ({e})") from None
+            raise CheckpointError(f"{path}: its m2_teacher metadata is not valid JSON "
+                                  f"({e})") from None
     return sd, meta
