@@ -4,15 +4,24 @@ training run are one-line ``SetupError``s naming the key to set.
 - Empty ``MODEL.WEIGHTS`` (``MODEL.TIMM.WEIGHTS`` for the timm-backbone configs) would train
   from random initialisation, and Detectron2 only logs "No checkpoint found" (about 31 AP
   instead of 39.7 for Mask R-CNN 1x, Table 9a): it needs ``M2.RANDOM_INIT True``.
-- The model's class count must equal the number of categories of the training dataset, read
-  from the key the meta-architecture really uses (``M2FCOS`` reads only ``MODEL.FCOS.*``).
+- The model's class count must equal the number of categories of every dataset the run uses
+  (training: ``DATASETS.TRAIN`` and ``DATASETS.TEST``, which the final evaluation reads;
+  ``--eval-only``: ``DATASETS.TEST``), read from the key the meta-architecture really uses
+  (``M2FCOS`` reads only ``MODEL.FCOS.*``).
+- Weights must fit the model they load into (:func:`check_weights_fit`, run once in the
+  launching process): every backbone tensor for training, every model tensor for
+  ``--eval-only`` and for a resumed run. Detectron2 itself only logs the keys it skips, and
+  the detector then trains from random initialisation.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 
+from m2_pretrain.engine.checkpoint import CheckpointError
 from m2_pretrain.export import meta_path
 
 logger = logging.getLogger("m2_detectron2")
@@ -54,6 +63,9 @@ def check_weights(cfg, resume: bool = False) -> None:
     if not w:
         if timm_backbone and cfg.MODEL.TIMM.WEIGHTS:
             t = cfg.MODEL.TIMM.WEIGHTS
+            if "://" not in t and Path(t).is_dir():
+                raise SetupError(f"MODEL.TIMM.WEIGHTS={t} is a directory: name the exported "
+                                 "encoder file in it")
             if "://" not in t and not Path(t).is_file():
                 raise SetupError(f"MODEL.TIMM.WEIGHTS={t} does not exist")
             return
@@ -71,6 +83,9 @@ def check_weights(cfg, resume: bool = False) -> None:
                          "train from random initialisation")
     if "://" in w:
         return
+    if Path(w).is_dir():
+        raise SetupError(f"MODEL.WEIGHTS={w} is a directory: name the weights file in it "
+                         "(a converted .pkl, or model_final.pth of a finished run)")
     if not Path(w).is_file():
         raise SetupError(f"MODEL.WEIGHTS={w} does not exist")
     if meta_path(w).is_file():
@@ -96,9 +111,17 @@ def dataset_classes(name: str) -> list[str] | None:
     return list(classes) if classes is not None else None
 
 
-def check_num_classes(cfg) -> None:
+def datasets_in_use(cfg, eval_only: bool = False) -> list[tuple[str, str]]:
+    """``(role, name)`` of every dataset the run reads: ``("training", name)`` for
+    ``DATASETS.TRAIN`` and ``("test", name)`` for ``DATASETS.TEST`` (``--eval-only`` reads
+    only these; training reads both, as it ends with an evaluation on ``DATASETS.TEST``)."""
+    test = [("test", n) for n in cfg.DATASETS.TEST]
+    return test if eval_only else [("training", n) for n in cfg.DATASETS.TRAIN] + test
+
+
+def check_num_classes(cfg, eval_only: bool = False) -> None:
     """The model's class count (from the key its meta-architecture reads) must equal the
-    number of categories of every training dataset."""
+    number of categories of every dataset the run uses (see :func:`datasets_in_use`)."""
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch not in NUM_CLASSES_KEYS:
         logger.warning("class count not checked: unknown META_ARCHITECTURE %s", arch)
@@ -107,20 +130,264 @@ def check_num_classes(cfg) -> None:
     if key is None:
         return
     n = _get(cfg, key)
-    for name in cfg.DATASETS.TRAIN:
+    for role, name in datasets_in_use(cfg, eval_only):
         classes = dataset_classes(name)
         if classes is None:
             logger.warning("class count not checked: dataset %s has no thing_classes", name)
-        elif len(classes) != n:
-            raise SetupError(f"{key} is {n} but training dataset {name} has {len(classes)} "
+        elif len(classes) != n and (role == "training" or eval_only):
+            raise SetupError(f"{key} is {n} but {role} dataset {name} has {len(classes)} "
                              f"categories: set {key} {len(classes)}")
+        elif len(classes) != n:
+            raise SetupError(f"{key} is {n} but test dataset {name} has {len(classes)} "
+                             "categories, and training ends with an evaluation on DATASETS.TEST: "
+                             f"set DATASETS.TEST to datasets with {n} categories, or to ()")
 
 
-def check_config(cfg, resume: bool = False) -> None:
-    """All setup-time checks on a built config (datasets must be registered already).
+def check_config(cfg, resume: bool = False, eval_only: bool = False) -> None:
+    """All cheap setup-time checks on a built config (datasets must be registered already).
 
     Raises:
         SetupError: with a one-line message naming the key to change.
     """
     check_weights(cfg, resume=resume)
-    check_num_classes(cfg)
+    check_num_classes(cfg, eval_only=eval_only)
+
+
+def check_dataset_files(cfg, eval_only: bool = False) -> None:
+    """The annotation file and image folder of every dataset the run uses exist (Detectron2's
+    built-in COCO/LVIS sets are registered lazily and would fail only when first read: a test
+    set after the whole schedule). Sets registered with ``--register-coco`` were validated in
+    full on registration; the embedded shapes set is generated on first use."""
+    from detectron2.data import MetadataCatalog
+
+    from .data import EMBEDDED_SPLITS
+
+    for role, name in datasets_in_use(cfg, eval_only):
+        if name in EMBEDDED_SPLITS:
+            continue
+        meta = MetadataCatalog.get(name)
+        json_file, image_root = meta.get("json_file"), meta.get("image_root")
+        if json_file and not Path(json_file).is_file():
+            raise SetupError(f"{role} dataset {name}: annotation file {json_file} does not exist "
+                             "(COCO/LVIS go under $DETECTRON2_DATASETS)")
+        if image_root and not Path(image_root).is_dir():
+            raise SetupError(f"{role} dataset {name}: image folder {image_root} does not exist "
+                             "(COCO/LVIS go under $DETECTRON2_DATASETS)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights against the model they load into
+
+_COUNTER = "num_batches_tracked"
+_D2_RESNET_KEY = re.compile(r"(?:^|\.)((?:stem|res[2-5])\..*)$")
+
+
+def model_shapes(cfg) -> tuple[dict[str, tuple], str]:
+    """Shapes of the tensors of the model ``cfg`` builds (BatchNorm counters left out), and
+    the key prefix of its pretrained backbone (the FPN's bottom-up network).
+
+    The model is built on the meta device (no memory, no initialisation); a model that cannot
+    be built there is built on the CPU. ``MODEL.TIMM.WEIGHTS`` is not loaded.
+    """
+    import torch
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    c = cfg.clone()
+    c.defrost()
+    c.MODEL.TIMM.WEIGHTS = ""
+    build = META_ARCH_REGISTRY.get(c.MODEL.META_ARCHITECTURE)
+    try:
+        try:
+            with torch.device("meta"):
+                model = build(c)
+        except Exception:  # noqa: BLE001 - a module that reads tensor values while built
+            model = build(c)
+    except Exception as e:  # noqa: BLE001 - a config value the model cannot be built with
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SetupError(f"the model cannot be built from this config: {first}") from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(_COUNTER)}
+    backbone = getattr(model, "backbone", None)
+    prefix = "backbone.bottom_up." if hasattr(backbone, "bottom_up") else "backbone."
+    return shapes, prefix
+
+
+def loadable_keys(shapes: dict[str, tuple], loaded: dict) -> tuple[set[str], list[str]]:
+    """The model keys (of ``shapes``) that Detectron2's checkpointer fills from ``loaded``
+    (what :func:`m2_detectron2.checkpoint.load_weights_file` returns): matched by name
+    heuristics when the file asks for them, else by exact name, with equal shapes.
+
+    Returns:
+        (keys that load, "key (file shape, model shape)" of names found with other shapes;
+        the heuristic matching skips those silently, so the list is empty there).
+    """
+    import torch
+
+    sd = loaded.get("model")
+    if not isinstance(sd, dict):
+        return set(), []
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and hasattr(v, "shape")}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if sd and loaded.get("matching_heuristics"):
+        from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+
+        quiet = logging.getLogger("detectron2.checkpoint.c2_model_loading")
+        was, quiet.disabled = quiet.disabled, True
+        try:
+            model_sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+            sd = align_and_update_state_dicts(model_sd, sd, loaded.get("__author__") == "Caffe2")
+        except ValueError as e:  # one file key matching several model keys
+            raise SetupError(f"weights cannot be matched to the model: {e}") from None
+        finally:
+            quiet.disabled = was
+    matched = {k for k, s in shapes.items() if k in sd and tuple(sd[k].shape) == s}
+    other = [f"{k} ({tuple(sd[k].shape)} in the file, {s} in the model)"
+             for k, s in shapes.items() if k in sd and tuple(sd[k].shape) != s]
+    return matched, other
+
+
+def _likely_cause(cfg, loaded: dict, backbone_matched: bool, other_shapes: list[str],
+                  unmatched: list[str], resumed: bool) -> str:
+    """What the weights most likely are, and what to do, for a file that does not fit."""
+    from .convert import ConversionError, resnet_depth
+
+    sd = loaded.get("model") if isinstance(loaded.get("model"), dict) else {}
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in sd if isinstance(k, str)]
+    timm_backbone = cfg.MODEL.BACKBONE.NAME in TIMM_BACKBONES
+    if other_shapes:
+        return (f"shapes differ for {other_shapes[0]}"
+                + (f" and {len(other_shapes) - 1} more" if len(other_shapes) > 1 else "")
+                + " (weights of a model with another NUM_CLASSES or architecture?)")
+    if backbone_matched:
+        if resumed:
+            return ("it holds backbone weights only, not a checkpoint of this model: restore "
+                    "the run's checkpoint, or start without --resume in a new OUTPUT_DIR")
+        return ("it holds backbone weights only; --eval-only needs a trained detector "
+                "(OUTPUT_DIR/model_final.pth of a run with this config)")
+    if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        if timm_backbone:
+            return ("it holds an encoder with timm names (e.g. `m2-pretrain export` output): "
+                    "pass it as MODEL.TIMM.WEIGHTS and leave MODEL.WEIGHTS empty")
+        return ("it holds an encoder with timm/torchvision names (e.g. `m2-pretrain export` "
+                "output, with or without its .json sidecar): convert it first with "
+                "`python tools/convert_to_d2.py ENCODER OUT.pkl` and pass OUT.pkl")
+    d2 = {m.group(1): None for k in keys if (m := _D2_RESNET_KEY.search(k))}
+    if d2 and not timm_backbone and "stem.conv1.weight" in d2:
+        try:
+            depth = resnet_depth(d2)
+        except ConversionError:
+            depth = None
+        want = cfg.MODEL.RESNETS.DEPTH
+        if depth is not None and depth != want:
+            return (f"it holds ResNet-{depth} weights but the config builds ResNet-{want} "
+                    f"(MODEL.RESNETS.DEPTH): use ResNet-{want} weights or set "
+                    f"MODEL.RESNETS.DEPTH {depth}")
+    return (f"{unmatched[0]} and {len(unmatched) - 1} more of the model's tensors are not in "
+            "it (another architecture?)" if len(unmatched) > 1 else
+            f"the model's {unmatched[0]} is not in it (another architecture?)")
+
+
+def _training_checkpoint_error(label: str, path: str, timm_backbone: bool) -> SetupError:
+    if timm_backbone:
+        todo = f"m2-pretrain export {path} --out encoder.pth, then pass MODEL.TIMM.WEIGHTS"
+    else:
+        todo = (f"m2-pretrain export {path} --out encoder.pth, then "
+                "python tools/convert_to_d2.py encoder.pth encoder.pkl")
+    return SetupError(f"{label} is a pretraining checkpoint: export and convert it first "
+                      f"({todo})")
+
+
+def _exported_arch(path: str) -> str | None:
+    """The ``arch`` in an exported encoder's metadata (``.safetensors`` header or ``.json``
+    sidecar), without reading its tensors; None when there is none."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("m2_teacher", "{}"))
+        elif meta_path(path).is_file():
+            meta = json.loads(meta_path(path).read_text())
+        else:
+            return None
+    except (OSError, ValueError):  # unreadable metadata: no hint, the fit check still holds
+        return None
+    return meta.get("arch") if isinstance(meta, dict) else None
+
+
+def check_weights_fit(cfg, eval_only: bool = False, resume: bool = False) -> None:
+    """Load each weights file the run will load and compare it with the model's tensors.
+
+    - ``MODEL.WEIGHTS`` for training: every tensor of the pretrained backbone must load.
+    - ``MODEL.WEIGHTS`` with ``--eval-only``, and the checkpoint ``--resume`` continues from
+      (``OUTPUT_DIR/last_checkpoint``): every tensor of the model must load.
+    - ``MODEL.TIMM.WEIGHTS``: every tensor of the timm backbone (timm names).
+
+    ``M2.RANDOM_INIT True`` turns a partial fit into a warning. Files are read with the
+    restricted loaders; URLs are not checked.
+
+    Raises:
+        SetupError: one line with how many tensors matched and the likely cause.
+    """
+    from m2_pretrain.export import is_training_checkpoint
+
+    from .checkpoint import load_weights_file
+    from .convert import ConversionError, load_encoder_state
+    from .modeling.timm_backbone import timm_weights_problem
+    from .safe_load import UnsafePickleError
+
+    timm_backbone = cfg.MODEL.BACKBONE.NAME in TIMM_BACKBONES
+    jobs = []  # (what to call it, path, whole model?): the label is what + path
+    last = Path(cfg.OUTPUT_DIR) / "last_checkpoint"
+    if resume and last.is_file():
+        name = last.read_text().strip()
+        ckpt = Path(cfg.OUTPUT_DIR) / name
+        if not ckpt.is_file():
+            raise SetupError(f"{last} names {name}, which does not exist: restore it, or start "
+                             "without --resume in a new OUTPUT_DIR")
+        jobs.append(("the checkpoint to resume ", str(ckpt), True))
+    elif cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS:
+        jobs.append(("MODEL.WEIGHTS=", cfg.MODEL.WEIGHTS, eval_only))
+    t = cfg.MODEL.TIMM.WEIGHTS
+    timm_job = timm_backbone and t and "://" not in t
+    if not jobs and not timm_job:
+        return
+    shapes, prefix = model_shapes(cfg)
+    if timm_job:
+        body = prefix + "body."
+        own = {k[len(body):]: s for k, s in shapes.items() if k.startswith(body)}
+        try:
+            sd = load_encoder_state(t, cfg.MODEL.TIMM.WHICH or None)
+        except (ConversionError, CheckpointError, UnsafePickleError) as e:
+            raise SetupError(f"MODEL.TIMM.WEIGHTS: {e}") from None
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        problem = timm_weights_problem(own, sd)
+        if problem:
+            arch = _exported_arch(t)
+            if arch and arch != cfg.MODEL.TIMM.ARCH:
+                problem = (f"it is a {arch} encoder (its metadata) and MODEL.TIMM.ARCH is "
+                           f"{cfg.MODEL.TIMM.ARCH}: set MODEL.TIMM.ARCH {arch}")
+            raise SetupError(f"MODEL.TIMM.WEIGHTS={t}: {problem}")
+    for what, path, whole in jobs:
+        label = what + path
+        try:
+            loaded = load_weights_file(path)
+        except UnsafePickleError as e:
+            raise SetupError(f"{what}{e}") from None
+        if is_training_checkpoint(loaded.get("model")):
+            raise _training_checkpoint_error(label, path, timm_backbone)
+        matched, other_shapes = loadable_keys(shapes, loaded)
+        backbone = [k for k in shapes if k.startswith(prefix)]
+        wanted = list(shapes) if whole else backbone
+        n = sum(k in matched for k in wanted)
+        if n == len(wanted):
+            continue
+        part = "model" if whole else "backbone"
+        cause = _likely_cause(cfg, loaded, whole and all(k in matched for k in backbone),
+                              [o for o in other_shapes if o.split(" ")[0] in wanted],
+                              [k for k in wanted if k not in matched], what != "MODEL.WEIGHTS=")
+        msg = f"{label}: {n} of the {part}'s {len(wanted)} tensors match the file; {cause}"
+        if cfg.M2.RANDOM_INIT:
+            logger.warning("%s (M2.RANDOM_INIT True: the rest starts from random values)", msg)
+            continue
+        raise SetupError(msg)

@@ -8,6 +8,7 @@ supervised model is dropped; anything else unmapped is an error listing the keys
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -15,8 +16,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from m2_pretrain.engine.checkpoint import safe_load
-from m2_pretrain.export import encoder_state_from_checkpoint, is_training_checkpoint
+from m2_pretrain.engine.checkpoint import CKPT_RE, safe_load
+from m2_pretrain.export import (
+    encoder_state_from_checkpoint, is_training_checkpoint, load_exported_encoder)
 
 from .safe_load import dump_pickle, load_pickle
 
@@ -56,7 +58,13 @@ def _map_key(key: str) -> Optional[str]:
 
 
 def load_encoder_state(path: str | Path, which: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Encoder weights (timm names) from a training checkpoint, exported encoder or state_dict."""
+    """Encoder weights (timm names) from a training checkpoint, an exported encoder
+    (``.safetensors``, or ``.pth`` with or without its sidecar) or a state_dict."""
+    if str(path).endswith(".safetensors"):
+        if which is not None:
+            raise ConversionError(f"--which only applies to training checkpoints; {path} is an "
+                                  "exported encoder")
+        return load_exported_encoder(path)[0]
     obj = safe_load(path)
     if is_training_checkpoint(obj):
         return encoder_state_from_checkpoint(obj, which)
@@ -111,17 +119,57 @@ def resnet_depth(d2_weights: dict[str, np.ndarray]) -> int:
 
 def write_d2_pickle(d2_weights: dict[str, np.ndarray], out: str | Path) -> None:
     """Write Detectron2's ``{"model", "__author__", "matching_heuristics"}`` pickle in a form
-    that numpy 1 and numpy 2 both read (see :func:`m2_detectron2.safe_load.dump_pickle`)."""
+    that numpy 1 and numpy 2 both read (see :func:`m2_detectron2.safe_load.dump_pickle`).
+
+    Written to a temporary file in the same folder and renamed over ``out``: an interrupted
+    write leaves the previous ``out`` as it was.
+    """
     payload = {"model": d2_weights, "__author__": AUTHOR, "matching_heuristics": True}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as f:
-        dump_pickle(payload, f)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            dump_pickle(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def convert_file(src: str | Path, out: str | Path, which: Optional[str] = None) -> dict:
-    """Convert ``src`` to a Detectron2 ``.pkl`` at ``out``. Returns a summary dict."""
-    if Path(out).exists() and Path(src).exists() and Path(out).samefile(src):
+def check_output(src: str | Path, out: str | Path, overwrite: bool = False) -> None:
+    """Refuse an output that Detectron2 would not read as a pickle (any name but ``.pkl``), a
+    directory, the input itself, a training checkpoint, or an existing file unless
+    ``overwrite``.
+
+    Raises:
+        ConversionError: one line saying which and what to pass instead.
+    """
+    src, out = Path(src), Path(out)
+    if out.is_dir():
+        raise ConversionError(f"output {out} is a directory; name a .pkl file in it")
+    if out.exists() and src.exists() and out.samefile(src):
         raise ConversionError(f"output {out} is the input file itself; choose another name")
+    if CKPT_RE.match(out.name):
+        raise ConversionError(f"output {out} is named like a training checkpoint; choose a "
+                              "name ending in .pkl")
+    if out.suffix != ".pkl":
+        raise ConversionError(f"output {out} must end in .pkl: Detectron2 reads any other name "
+                              "with torch.load, not as converted weights")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; choose another output or pass --force to "
+                              "replace it")
+
+
+def convert_file(src: str | Path, out: str | Path, which: Optional[str] = None,
+                 overwrite: bool = False) -> dict:
+    """Convert ``src`` to a Detectron2 ``.pkl`` at ``out`` (see :func:`check_output`).
+
+    Returns:
+        A summary dict: ``keys``, ``dropped``, ``depth``, ``out``.
+    """
+    check_output(src, out, overwrite)
     sd = load_encoder_state(src, which)
     d2, dropped = convert_state_dict(sd)
     depth = resnet_depth(d2)

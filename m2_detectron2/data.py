@@ -15,6 +15,7 @@ generated on first use under ``$DETECTRON2_DATASETS/m2_shapes_v2`` (no download)
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -148,13 +149,105 @@ class DatasetSpecError(ValueError):
     """A malformed ``name=annotations.json:image_dir`` registration."""
 
 
-def register_coco_spec(spec: str) -> str:
-    """Register a COCO-format dataset from ``"name=path/to/annotations.json:path/to/images"``.
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    Returns the dataset name. Raises :class:`DatasetSpecError` for a malformed spec or missing
-    files, naming which.
+
+def _segmentation_problem(seg) -> str | None:
+    if isinstance(seg, dict):  # RLE
+        return None if "counts" in seg and "size" in seg else "an RLE without counts/size"
+    if isinstance(seg, list) and seg:
+        for poly in seg:
+            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
+                    and all(_is_number(v) for v in poly)):
+                return "a polygon that is not an even list of at least 6 numbers"
+        return None
+    return "neither polygons nor an RLE"
+
+
+def validate_coco_json(json_file: str | Path, image_root: str | Path, name: str,
+                       need_masks: bool = False) -> list[str]:
+    """Check a COCO-format annotation file before anything trains on it.
+
+    Checks: valid JSON; ``images``, ``annotations`` and ``categories`` lists; every image
+    has ``id``, ``file_name``, ``height``, ``width`` and its file exists under ``image_root``;
+    every annotation names a listed image and category and has a ``bbox`` of 4 finite numbers
+    with non-negative size, and a ``segmentation`` (polygons or RLE) when ``need_masks``.
+
+    Returns:
+        The category names ordered by id (Detectron2's ``thing_classes``).
+
+    Raises:
+        DatasetSpecError: one line naming the dataset, the file and the first problem.
     """
-    from detectron2.data import DatasetCatalog
+    where = f"dataset {name!r}: {json_file}"
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetSpecError(f"{where} is not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetSpecError(f"{where} cannot be read ({e})") from None
+    if not isinstance(data, dict):
+        raise DatasetSpecError(f"{where} is not a COCO annotation file (not a JSON object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetSpecError(f"{where} has no {key!r} list (COCO format needs images, "
+                                   "annotations and categories)")
+    cats = data["categories"]
+    if not cats:
+        raise DatasetSpecError(f"{where} lists no categories")
+    for i, c in enumerate(cats):
+        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and "name" in c):
+            raise DatasetSpecError(f"{where}: categories[{i}] needs an integer 'id' and a 'name'")
+    images, missing = {}, []
+    root = Path(image_root)
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or any(k not in img for k in ("id", "file_name", "height",
+                                                                      "width")):
+            raise DatasetSpecError(f"{where}: images[{i}] needs id, file_name, height and width")
+        images[img["id"]] = img
+        if not (root / str(img["file_name"])).is_file():
+            missing.append(str(img["file_name"]))
+    if missing:
+        raise DatasetSpecError(f"{where}: {len(missing)} of {len(images)} image files are missing "
+                               f"under {root}, e.g. {missing[0]}")
+    cat_ids = {c["id"] for c in cats}
+    for i, a in enumerate(data["annotations"]):
+        what = f"{where}: annotations[{i}]" + (f" (id {a.get('id')})" if isinstance(a, dict)
+                                               and "id" in a else "")
+        if not isinstance(a, dict):
+            raise DatasetSpecError(f"{what} is not an object")
+        if a.get("image_id") not in images:
+            raise DatasetSpecError(f"{what} names image_id {a.get('image_id')!r}, which is not "
+                                   "in 'images'")
+        if a.get("category_id") not in cat_ids:
+            raise DatasetSpecError(f"{what} names category_id {a.get('category_id')!r}, which is "
+                                   "not in 'categories'")
+        box = a.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)
+                and box[2] >= 0 and box[3] >= 0):
+            raise DatasetSpecError(f"{what} has no valid 'bbox' ([x, y, width, height] with "
+                                   f"width, height >= 0): {box!r}")
+        if need_masks:
+            if "segmentation" not in a:
+                raise DatasetSpecError(f"{what} has no 'segmentation', which a mask model "
+                                       "(MODEL.MASK_ON) needs")
+            problem = _segmentation_problem(a["segmentation"])
+            if problem:
+                raise DatasetSpecError(f"{what} has a 'segmentation' that is {problem}")
+    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+
+
+def register_coco_spec(spec: str, need_masks: bool = False) -> str:
+    """Register a COCO-format dataset from ``"name=path/to/annotations.json:path/to/images"``,
+    after validating it (:func:`validate_coco_json`); its ``thing_classes`` are set from the
+    file, so class counts are checked without loading the dataset again.
+
+    Returns the dataset name. Raises :class:`DatasetSpecError` for a malformed spec, missing
+    files or a malformed annotation file, naming which.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
     name, sep, rest = spec.partition("=")
@@ -167,11 +260,11 @@ def register_coco_spec(spec: str) -> str:
     if not Path(image_root).is_dir():
         raise DatasetSpecError(f"dataset {name!r}: image directory {image_root} does not exist")
     if name in DatasetCatalog.list():
-        from detectron2.data import MetadataCatalog
-
         meta = MetadataCatalog.get(name)
-        if (meta.get("json_file") == json_file and meta.get("image_root") == image_root):
+        if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
             return name  # the same spec again (validated in the parent, then set up in main)
         raise DatasetSpecError(f"dataset {name!r} is already registered; pick another name")
+    classes = validate_coco_json(json_file, image_root, name, need_masks)
     register_coco_instances(name, {}, json_file, image_root)
+    MetadataCatalog.get(name).set(thing_classes=classes)
     return name

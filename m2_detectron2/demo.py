@@ -106,7 +106,7 @@ def run(output_dir: str | Path, pretrain_overrides: list[str], det_opts: list[st
         pre = pretrain_demo.run(PRETRAIN_CONFIG, out, [f"train.seed={seed}"] + pretrain_overrides)
     print("== 2/3 converting the exported teacher to Detectron2 weights", flush=True)
     pkl = out / "encoder_d2.pkl"
-    conv = convert_file(pre["encoder"], pkl)
+    conv = convert_file(pre["encoder"], pkl, overwrite=True)  # the demo's own file
     max_diff = verify(pre["encoder"], pkl, res=64)
     print(f"converted {conv['keys']} tensors (ResNet-{conv['depth']}); --verify max abs diff "
           f"of res2..res5 features: {max_diff:.2e}", flush=True)

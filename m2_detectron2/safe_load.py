@@ -4,8 +4,9 @@ Detectron2 reads ``.pkl`` weights with a plain ``pickle.load``, and unpickling c
 importable function (a ``__reduce__`` that calls ``os.system`` runs before anything fails).
 :func:`load_pickle` is a restricted unpickler: plain containers, strings, numbers, and numpy
 arrays, dtypes and scalars; anything else is refused with a one-line :class:`UnsafePickleError`
-naming the file and the object. :func:`restricted_pickle_loading` makes Detectron2's
-checkpointer use it for ``.pkl`` files (training, ``--eval-only``, the demo).
+naming the file and the object. :func:`load_torch_file` is the same for PyTorch files
+(``torch.load(weights_only=True)``, with errors on one line). Detectron2's checkpointer reads
+every format through them (:class:`m2_detectron2.checkpoint.RestrictedCheckpointer`).
 
 numpy 2 pickles arrays through ``numpy._core.multiarray``, numpy 1 through
 ``numpy.core.multiarray``; each numpy lacks (or only shims) the other's path. On load, both
@@ -65,6 +66,24 @@ def _import_numpy_private(canonical: str):
     raise last_error  # type: ignore[misc]
 
 
+def _sized_only(kind: type, source: str):
+    """``kind`` (set, frozenset, bytearray) built only from data already in the pickle: a
+    ``range`` or a bare size would make a few bytes expand into gigabytes."""
+
+    def build(*args: Any) -> Any:
+        if args and not isinstance(args[0], (list, tuple, bytes, bytearray, str, set,
+                                             frozenset)):
+            raise UnsafePickleError(f"{source}: refusing {kind.__name__}() of a "
+                                    f"{type(args[0]).__name__} (not plain weights)")
+        return kind(*args)
+
+    return build
+
+
+_GUARDED = {("builtins", k.__name__): (lambda source, k=k: _sized_only(k, source))
+            for k in (set, frozenset, bytearray)}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file: BinaryIO, source: str) -> None:
         super().__init__(file, encoding="latin1")  # latin1: Python 2 pickles of numpy arrays
@@ -77,6 +96,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"{self.source}: refusing to unpickle {module}.{name} (a weights .pkl may hold "
                 "only containers, strings, numbers and numpy arrays; loading other objects can "
                 "run code)")
+        if key in _GUARDED:
+            return _GUARDED[key](self.source)
         if key[0].startswith("numpy.core"):
             return getattr(_import_numpy_private(key[0]), name)
         return getattr(importlib.import_module(key[0]), name)
@@ -86,18 +107,29 @@ class _RestrictedUnpickler(pickle.Unpickler):
                                 "torch.save files do)")
 
 
-def _check_no_object_arrays(obj: Any, source: str, depth: int = 0) -> None:
-    if depth > 64:
-        raise UnsafePickleError(f"{source}: nested too deeply for a weights file")
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise UnsafePickleError(f"{source}: holds an object array, not plain weights")
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _check_no_object_arrays(v, source, depth + 1)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            _check_no_object_arrays(v, source, depth + 1)
+def _check_no_object_arrays(obj: Any, source: str, max_depth: int = 64) -> None:
+    """Refuse object arrays anywhere in ``obj``, visiting each container once.
+
+    A pickle can reference one object many times (its memo), so a few hundred bytes can
+    describe a graph with exponentially many paths; walking paths would hang. Objects are
+    visited once by ``id``, which keeps the walk linear in the pickle's size.
+    """
+    seen: set[int] = set()
+    stack = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if depth > max_depth:
+            raise UnsafePickleError(f"{source}: nested too deeply for a weights file")
+        if isinstance(node, np.ndarray):
+            if node.dtype.hasobject:
+                raise UnsafePickleError(f"{source}: holds an object array, not plain weights")
+        elif isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def load_pickle_file(f: BinaryIO, source: str | None = None) -> Any:
@@ -127,6 +159,44 @@ def load_pickle(path: str | Path) -> Any:
         raise UnsafePickleError(f"weights file not found: {path}")
     with open(path, "rb") as f:
         return load_pickle_file(f, str(path))
+
+
+def _torch_refusal(e: BaseException) -> str:
+    """The reason in a ``torch.load(weights_only=True)`` error, on one line, without torch's
+    advice to retry with the restriction lifted (which would run the file's code)."""
+    skip = ("weights only load failed", "weights_only", "please file an issue",
+            "check the documentation", "do it only if", "re-running")
+    lines = [ln.strip() for ln in str(e).replace("WeightsUnpickler error:", "\n").splitlines()]
+    kept = [ln for ln in lines if ln and not any(s in ln.lower() for s in skip)]
+    return kept[0] if kept else type(e).__name__
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, on CPU.
+
+    ``weights_only=True`` is passed explicitly, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    cannot override (it only changes the default).
+
+    Raises:
+        UnsafePickleError: the file is missing, references other objects, or is not a
+            PyTorch file; one line naming the file.
+    """
+    import warnings
+
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        raise UnsafePickleError(f"{path} is a directory, not a weights file")
+    if not path.is_file():
+        raise UnsafePickleError(f"weights file not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about the protocol of plain pickles
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable weights"
+        raise UnsafePickleError(f"{path}: refused by the restricted loader of PyTorch files "
+                                f"({_torch_refusal(e)})") from None
 
 
 class _PortablePickler(pickle.Pickler):

@@ -16,32 +16,49 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from .checks import SetupError, check_config
+from .checkpoint import RestrictedCheckpointer
+from .checks import SetupError, check_config, check_dataset_files, check_weights_fit
 from .config import add_m2_config
 from .data import DatasetSpecError, register_coco_spec, register_embedded
 from .evaluation import build_evaluator
-from .safe_load import UnsafePickleError, load_pickle, restricted_pickle_loading
 
 logger = logging.getLogger("m2_detectron2")
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with COCO/LVIS evaluation chosen per dataset."""
+    """Detectron2's DefaultTrainer with COCO/LVIS evaluation chosen per dataset and every
+    weights file read by the restricted loaders."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        _restrict(self.checkpointer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
     def resume_or_load(self, resume: bool = True):
-        """Detectron2's, with ``.pkl`` weights read by the restricted unpickler."""
-        with restricted_pickle_loading():
-            return super().resume_or_load(resume=resume)
+        """Detectron2's, with every weights file read by the restricted loaders."""
+        _restrict(self.checkpointer)
+        return super().resume_or_load(resume=resume)
+
+
+def _restrict(checkpointer: DetectionCheckpointer) -> None:
+    """Make Detectron2's own checkpointer read files with the restricted loaders.
+
+    DefaultTrainer creates it inside ``__init__`` (there is no factory method) and its
+    checkpoint hook holds the same object, so the object's class is switched in place.
+    """
+    if type(checkpointer) not in (DetectionCheckpointer, RestrictedCheckpointer):
+        raise TypeError(f"unexpected checkpointer {type(checkpointer).__name__}")
+    checkpointer.__class__ = RestrictedCheckpointer
 
 
 def build_config(config_file: str, opts: list[str], register_coco: list[str] = (),
-                 resume: bool = False):
-    """Load a yacs config with the plugin's keys, register datasets, adapt to CPU, and run
-    :func:`m2_detectron2.checks.check_config` (weights, class counts)."""
+                 resume: bool = False, eval_only: bool = False):
+    """Load a yacs config with the plugin's keys, register (and validate) datasets, adapt to
+    CPU, and run :func:`m2_detectron2.checks.check_config` (weights, class counts of the
+    datasets the run uses)."""
     cfg = get_cfg()
     add_m2_config(cfg)
     if not Path(config_file).is_file():
@@ -50,7 +67,7 @@ def build_config(config_file: str, opts: list[str], register_coco: list[str] = (
     cfg.merge_from_list(list(opts))
     register_embedded()
     for spec in list(cfg.M2.REGISTER_COCO) + list(register_coco):
-        register_coco_spec(spec)
+        register_coco_spec(spec, need_masks=cfg.MODEL.MASK_ON)
     known = set(DatasetCatalog.list())
     unknown = [d for d in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if d not in known]
     if unknown:
@@ -61,13 +78,14 @@ def build_config(config_file: str, opts: list[str], register_coco: list[str] = (
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("CUDA is not available: running on CPU (SyncBN acts as BN on one process)")
         cfg.MODEL.DEVICE = "cpu"
-    check_config(cfg, resume=resume)
+    check_config(cfg, resume=resume, eval_only=eval_only)
     return cfg
 
 
 def setup(args):
     cfg = build_config(args.config_file, args.opts, getattr(args, "register_coco", []) or [],
-                       resume=getattr(args, "resume", False))
+                       resume=getattr(args, "resume", False),
+                       eval_only=getattr(args, "eval_only", False))
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -77,14 +95,17 @@ def validate_setup(args) -> None:
     """Check the whole setup once in the launching process, before ``launch`` starts worker
     processes (where an error would escape the one-line handler as a traceback per worker).
 
+    Besides :func:`build_config`'s checks: the ``MODEL.TIMM.*`` values, the files of every
+    dataset the run uses, and every weights file against the model it loads into
+    (:func:`m2_detectron2.checks.check_weights_fit`, read with the restricted loaders).
+
     Raises:
-        SetupError: a bad config key or value, dataset registration, backbone setting, or
-            weights file (a ``.pkl`` is read with the restricted unpickler).
+        SetupError: a bad config key or value, dataset, backbone setting, or weights file.
     """
+    resume, eval_only = getattr(args, "resume", False), getattr(args, "eval_only", False)
     try:
-        # build_config ends with checks.check_config (weights, class counts): it runs here too
         cfg = build_config(args.config_file, args.opts, getattr(args, "register_coco", []) or [],
-                           resume=getattr(args, "resume", False))
+                           resume=resume, eval_only=eval_only)
     except SetupError:
         raise
     except (DatasetSpecError, KeyError, ValueError, AssertionError) as e:  # yacs: bad key/value
@@ -92,12 +113,8 @@ def validate_setup(args) -> None:
         raise SetupError(text.splitlines()[0] if text else type(e).__name__) from None
     if cfg.MODEL.BACKBONE.NAME.startswith("build_timm"):
         _check_timm_setup(cfg)
-    w = cfg.MODEL.WEIGHTS
-    if w.endswith(".pkl") and "://" not in w and Path(w).is_file():
-        try:
-            load_pickle(w)
-        except UnsafePickleError as e:
-            raise SetupError(f"MODEL.WEIGHTS={e}") from None
+    check_dataset_files(cfg, eval_only=eval_only)
+    check_weights_fit(cfg, eval_only=eval_only, resume=resume)
 
 
 def _check_timm_setup(cfg) -> None:
@@ -126,9 +143,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        with restricted_pickle_loading():
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-                cfg.MODEL.WEIGHTS, resume=args.resume)
+        RestrictedCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

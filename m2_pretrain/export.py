@@ -109,7 +109,10 @@ def export_encoder(ckpt_path: str | Path, out: str | Path, which: str | None = N
 
 
 def load_exported_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
-    """(state_dict, metadata or None) of an exported encoder."""
+    """(state_dict, metadata or None) of an exported encoder: a ``.safetensors`` file (metadata
+    JSON-encoded under the header key ``m2_teacher``) or a ``.pth`` with its ``.json`` sidecar."""
+    if str(path).endswith(".safetensors"):
+        return _load_safetensors_encoder(path)
     sd = safe_load(path)
     if is_training_checkpoint(sd):
         raise CheckpointError(
@@ -119,4 +122,28 @@ def load_exported_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], Op
         raise CheckpointError(f"{path} is not an encoder state_dict (a dict of tensors)")
     mp = meta_path(path)
     meta = json.loads(mp.read_text()) if mp.is_file() else None
+    return sd, meta
+
+
+def _load_safetensors_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - header or data not readable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first})") from None
+    if not sd:
+        raise CheckpointError(f"{path} holds no tensors")
+    meta = None
+    if "m2_teacher" in header:
+        try:
+            meta = json.loads(header["m2_teacher"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: its m2_teacher metadata is not valid JSON "
+                                  f"({e})") from None
     return sd, meta

@@ -3,6 +3,7 @@ meta-architecture really reads must match the training dataset (no model is buil
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import m2_detectron2  # noqa: F401  (stand-in first)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from d2_data import write_detection_set
-from m2_detectron2.checks import SetupError, check_num_classes
+from m2_detectron2.checks import SetupError, check_num_classes, check_weights_fit
 from m2_detectron2.data import register_coco_spec
 from m2_detectron2.train import build_config
 
@@ -93,3 +94,282 @@ def test_builtin_datasets_checked_from_metadata_without_loading():
     cfg.MODEL.FCOS.NUM_CLASSES = 81
     with pytest.raises(SetupError, match="has 80 categories: set MODEL.FCOS.NUM_CLASSES 80"):
         check_num_classes(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights against the model they load into (checks.check_weights_fit)
+
+DEMO = str(CONFIGS / "demo_shapes_mask_rcnn_R18.yaml")
+R50 = str(CONFIGS / "mask_rcnn_R50_FPN_1x.yaml")
+TIMM_CFG = str(CONFIGS / "mask_rcnn_timm_FPN_1x.yaml")
+
+
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory):
+    """A timm ResNet-18 encoder (.pth without sidecar, as `m2-pretrain export` writes it) and
+    its Detectron2 conversion."""
+    import timm
+    import torch
+
+    from m2_detectron2.convert import convert_file
+
+    root = tmp_path_factory.mktemp("r18")
+    enc = root / "encoder.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), enc)
+    convert_file(enc, root / "r18.pkl")
+    return enc, root / "r18.pkl"
+
+
+def _cfg(three_categories, config=DEMO, *opts, eval_only=False):
+    base = three_categories + ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.FCOS.NUM_CLASSES", "3"]
+    return build_config(config, base + list(opts), eval_only=eval_only)
+
+
+def _fit_error(cfg, **kw) -> str:
+    with pytest.raises(SetupError) as e:
+        check_weights_fit(cfg, **kw)
+    return _one_line(e)
+
+
+def test_weights_must_fit_the_backbone(three_categories, r18, tmp_path):
+    import torch
+
+    from m2_detectron2.safe_load import dumps_pickle, load_pickle
+
+    enc, pkl = r18
+    check_weights_fit(_cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(pkl)))  # fits
+    n = sum(k.endswith(("weight", "bias", "running_mean", "running_var"))
+            for k in load_pickle(pkl)["model"])  # every converted tensor is a backbone tensor
+    # an exported encoder without its sidecar: timm names, nothing would load
+    msg = _fit_error(_cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(enc)))
+    assert msg.startswith(f"MODEL.WEIGHTS={enc}: 0 of the backbone's {n} tensors match")
+    assert "convert it first with `python tools/convert_to_d2.py" in msg
+    st = enc.with_suffix(".safetensors")  # the same encoder as `export --out X.safetensors`
+    from safetensors.torch import save_file
+
+    save_file(torch.load(enc, weights_only=True), st, metadata={"m2_teacher": "{}"})
+    msg = _fit_error(_cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(st)))
+    assert f"0 of the backbone's {n} tensors match" in msg and "convert it first" in msg
+    # the same file with a timm backbone belongs in MODEL.TIMM.WEIGHTS
+    msg = _fit_error(_cfg(three_categories, TIMM_CFG, "MODEL.WEIGHTS", str(enc),
+                          "MODEL.TIMM.ARCH", "resnet18"))
+    assert "pass it as MODEL.TIMM.WEIGHTS" in msg
+    # ResNet-18 weights in a ResNet-50 config: a part would load (the stem)
+    msg = _fit_error(_cfg(three_categories, R50, "MODEL.WEIGHTS", str(pkl)))
+    assert re.match(r"MODEL.WEIGHTS=.*r18.pkl: [1-9]\d* of the backbone's \d+ tensors match", msg)
+    assert "ResNet-18 weights but the config builds ResNet-50" in msg
+    # one tensor missing: still refused, and how many matched is exact
+    payload = load_pickle(pkl)
+    del payload["model"]["res5.1.conv2.weight"]
+    partial = tmp_path / "partial.pkl"
+    partial.write_bytes(dumps_pickle(payload))
+    cfg = _cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(partial))
+    msg = _fit_error(cfg)
+    assert f"{n - 1} of the backbone's {n} tensors match the file; the model's " in msg
+    assert msg.endswith("backbone.bottom_up.res5.1.conv2.weight is not in it (another "
+                        "architecture?)")
+    cfg = _cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(partial), "M2.RANDOM_INIT", "True")
+    check_weights_fit(cfg)  # accepted with a warning
+    # a pretraining checkpoint (ckpt_*.pth of `m2-pretrain train`)
+    ckpt = tmp_path / "ckpt_00000002.pth"
+    torch.save({"student": {}, "teacher": {}, "config": {}, "step": 2}, ckpt)
+    msg = _fit_error(_cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(ckpt)))
+    assert "is a pretraining checkpoint: export and convert it first" in msg
+    # a directory
+    with pytest.raises(SetupError) as e:
+        _cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(tmp_path))
+    assert _one_line(e).startswith(f"MODEL.WEIGHTS={tmp_path} is a directory")
+
+
+def test_eval_only_and_resume_need_the_whole_model(three_categories, r18, tmp_path):
+    import torch
+    from detectron2.modeling import build_model
+
+    _, pkl = r18
+    msg = _fit_error(_cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(pkl), eval_only=True),
+                     eval_only=True)
+    assert re.search(r"\d+ of the model's \d+ tensors match the file; it holds backbone "
+                     r"weights only; --eval-only needs a trained detector", msg)
+    cfg = _cfg(three_categories, DEMO, "M2.RANDOM_INIT", "True")
+    final = tmp_path / "model_final.pth"
+    torch.save({"model": build_model(cfg).state_dict(), "iteration": 9}, final)
+    cfg = _cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(final), eval_only=True)
+    check_weights_fit(cfg, eval_only=True)
+    # a detector trained for another number of classes
+    cfg.defrost()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 4
+    msg = _fit_error(cfg, eval_only=True)
+    assert "of the model's" in msg and "NUM_CLASSES" in msg
+    # --resume checks the checkpoint named in OUTPUT_DIR/last_checkpoint
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last_checkpoint").write_text("model_0000099.pth")
+    cfg = _cfg(three_categories, DEMO, "MODEL.WEIGHTS", str(pkl), "OUTPUT_DIR", str(out))
+    msg = _fit_error(cfg, resume=True)
+    assert "model_0000099.pth, which does not exist" in msg
+    (out / "model_0000099.pth").write_bytes(pkl.read_bytes())
+    (out / "last_checkpoint").write_text("model_0000099.pth")
+    import shutil
+
+    shutil.move(out / "model_0000099.pth", out / "model_0000099.pkl")
+    (out / "last_checkpoint").write_text("model_0000099.pkl")  # backbone weights only
+    msg = _fit_error(cfg, resume=True)
+    assert msg.startswith(f"the checkpoint to resume {out / 'model_0000099.pkl'}: 100 of the "
+                          "model's 166 tensors match the file; it holds backbone weights only")
+    shutil.copy(final, out / "model_0000099.pth")
+    (out / "last_checkpoint").write_text("model_0000099.pth")
+    check_weights_fit(cfg, resume=True)
+
+
+def test_timm_weights_are_checked_before_launch(three_categories, r18, tmp_path):
+    import json
+
+    import torch
+
+    enc, pkl = r18
+    cfg = _cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(enc),
+               "MODEL.TIMM.ARCH", "resnet18")
+    check_weights_fit(cfg)
+    cfg = _cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(enc))  # resnet50
+    msg = _fit_error(cfg)
+    assert msg.startswith(f"MODEL.TIMM.WEIGHTS={enc}: ") and "missing from the file" in msg
+    from safetensors.torch import save_file
+
+    st = tmp_path / "encoder.safetensors"  # `m2-pretrain export` metadata names the arch
+    save_file(torch.load(enc, weights_only=True), st,
+              metadata={"m2_teacher": json.dumps({"arch": "resnet18"})})
+    msg = _fit_error(_cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(st)))
+    assert msg == (f"MODEL.TIMM.WEIGHTS={st}: it is a resnet18 encoder (its metadata) and "
+                   "MODEL.TIMM.ARCH is resnet50: set MODEL.TIMM.ARCH resnet18")
+    check_weights_fit(_cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(st),
+                           "MODEL.TIMM.ARCH", "resnet18"))
+    cfg = _cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(pkl))
+    msg = _fit_error(cfg)
+    assert msg.startswith("MODEL.TIMM.WEIGHTS: ") and "already a Detectron2 weights file" in msg
+    with pytest.raises(SetupError) as e:
+        _cfg(three_categories, TIMM_CFG, "MODEL.TIMM.WEIGHTS", str(tmp_path))
+    assert "is a directory" in _one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Class counts and files of the datasets the run uses
+
+TEN = "m2checks_10cat"
+
+
+@pytest.fixture(scope="module")
+def ten_categories(tmp_path_factory):
+    if f"{TEN}_val" not in DatasetCatalog.list():
+        root = tmp_path_factory.mktemp("d2checks10")
+        for split in ("train", "val"):
+            ann, img_root = write_detection_set(root, split, 1, [1, 2], num_categories=10)
+            register_coco_spec(f"{TEN}_{split}={ann}:{img_root}")
+    return f"{TEN}_train", f"{TEN}_val"
+
+
+def test_class_count_reads_the_datasets_the_run_uses(ten_categories, three_categories):
+    train10, val10 = ten_categories
+    fcos = str(CONFIGS / "fcos_R50_FPN_1x.yaml")
+    ten = ["M2.RANDOM_INIT", "True", "MODEL.FCOS.NUM_CLASSES", "10"]
+    # --eval-only reads DATASETS.TEST only: TRAIN left at COCO (80) does not matter
+    cfg = build_config(fcos, ten + ["DATASETS.TEST", f"('{val10}',)"], eval_only=True)
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train",)
+    with pytest.raises(SetupError) as e:  # an 80-class model on the 10-class test set
+        build_config(fcos, ["M2.RANDOM_INIT", "True", "DATASETS.TEST", f"('{val10}',)"],
+                     eval_only=True)
+    assert _one_line(e) == (f"MODEL.FCOS.NUM_CLASSES is 80 but test dataset {val10} has 10 "
+                            "categories: set MODEL.FCOS.NUM_CLASSES 10")
+    # training reads TRAIN and, for its final evaluation, TEST
+    build_config(fcos, ten + ["DATASETS.TRAIN", f"('{train10}',)", "DATASETS.TEST",
+                              f"('{val10}',)"])
+    with pytest.raises(SetupError) as e:
+        build_config(fcos, ten + ["DATASETS.TRAIN", f"('{train10}',)"])  # TEST: COCO val
+    assert _one_line(e).startswith("MODEL.FCOS.NUM_CLASSES is 10 but test dataset "
+                                   "coco_2017_val has 80 categories, and training ends with an "
+                                   "evaluation on DATASETS.TEST")
+    with pytest.raises(SetupError, match=f"training dataset {NAME} has 3"):
+        build_config(fcos, ten + ["DATASETS.TRAIN", f"('{NAME}',)", "DATASETS.TEST",
+                                  f"('{val10}',)"])
+
+
+def test_test_set_files_are_checked_before_training(ten_categories, tmp_path, monkeypatch):
+    """COCO under $DETECTRON2_DATASETS is registered lazily: a missing test set would fail
+    only at the final evaluation."""
+    from m2_detectron2.checks import check_dataset_files
+
+    train10, val10 = ten_categories
+    fcos = str(CONFIGS / "fcos_R50_FPN_1x.yaml")
+    cfg = build_config(fcos, ["M2.RANDOM_INIT", "True", "DATASETS.TRAIN", f"('{train10}',)",
+                              "DATASETS.TEST", "()", "MODEL.FCOS.NUM_CLASSES", "10"])
+    cfg.DATASETS.TEST = ("coco_2017_val",)
+    with pytest.raises(SetupError) as e:
+        check_dataset_files(cfg)
+    assert re.match(r"test dataset coco_2017_val: annotation file \S+instances_val2017.json "
+                    r"does not exist", _one_line(e))
+    cfg.defrost()
+    cfg.DATASETS.TEST = (val10,)
+    check_dataset_files(cfg)
+    cfg.DATASETS.TRAIN = ("coco_2017_train",)
+    check_dataset_files(cfg, eval_only=True)  # --eval-only does not read DATASETS.TRAIN
+    with pytest.raises(SetupError, match="training dataset coco_2017_train: annotation file"):
+        check_dataset_files(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# --register-coco files are validated on registration
+
+def _coco(tmp_path, mutate=None, text=None):
+    import json
+
+    ann, img_root = write_detection_set(tmp_path, "set", 2, [1, 2])
+    if text is not None:
+        ann.write_text(text)
+    elif mutate is not None:
+        data = json.loads(ann.read_text())
+        mutate(data)
+        ann.write_text(json.dumps(data))
+    return ann, img_root
+
+
+_BROKEN = {
+    "not valid JSON": (None, '{"images": ['),
+    "has no 'images' list": (lambda d: d.pop("images"), None),
+    "has no 'categories' list": (lambda d: d.pop("categories"), None),
+    "has no 'annotations' list": (lambda d: d.pop("annotations"), None),
+    r"annotations\[1\] \(id 2\) has no valid 'bbox'": (
+        lambda d: d["annotations"][1].pop("bbox"), None),
+    r"annotations\[0\] \(id 1\) names category_id 9": (
+        lambda d: d["annotations"][0].update(category_id=9), None),
+    r"annotations\[0\] \(id 1\) names image_id 77": (
+        lambda d: d["annotations"][0].update(image_id=77), None),
+    r"images\[0\] needs id, file_name, height and width": (
+        lambda d: d["images"][0].pop("height"), None),
+    "1 of 2 image files are missing under .*, e.g. gone.png": (
+        lambda d: d["images"][1].update(file_name="gone.png"), None),
+}
+
+
+@pytest.mark.parametrize("expected", list(_BROKEN))
+def test_broken_coco_files_are_refused_on_registration(expected, tmp_path):
+    from m2_detectron2.data import DatasetSpecError
+
+    mutate, text = _BROKEN[expected]
+    ann, img_root = _coco(tmp_path, mutate, text)
+    name = f"m2broken_{abs(hash(expected))}"
+    with pytest.raises(DatasetSpecError) as e:
+        register_coco_spec(f"{name}={ann}:{img_root}")
+    assert re.match(f"dataset '{name}': {re.escape(str(ann))}:? .*{expected}", _one_line(e))
+    assert name not in DatasetCatalog.list()
+
+
+def test_masks_are_required_for_mask_models_only(tmp_path):
+    from m2_detectron2.data import DatasetSpecError
+
+    ann, img_root = _coco(tmp_path, lambda d: d["annotations"][2].pop("segmentation"))
+    with pytest.raises(DatasetSpecError, match=r"annotations\[2\] \(id 3\) has no "
+                                               r"'segmentation', which a mask model"):
+        build_config(str(CONFIGS / "demo_shapes_mask_rcnn_R18.yaml"),
+                     ["M2.RANDOM_INIT", "True"], register_coco=[f"m2nomask_a={ann}:{img_root}"])
+    # RetinaNet reads boxes only
+    register_coco_spec(f"m2nomask_b={ann}:{img_root}", need_masks=False)
+    assert MetadataCatalog.get("m2nomask_b").thing_classes == ["cat1", "cat2"]

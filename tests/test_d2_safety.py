@@ -1,5 +1,7 @@
-"""Detectron2 side of issue 14: .pkl weights never run code, converted files cross numpy 1/2,
-clear converter messages, and setup errors validated once before ``launch``."""
+"""Detectron2 side of the safety checks: weights files never run code (``.pkl`` and PyTorch
+files alike, whatever the environment says), a hostile pickle cannot hang or exhaust the
+loader, converted files cross numpy 1/2, clear converter messages, and setup errors validated
+once before ``launch``."""
 
 from __future__ import annotations
 
@@ -44,6 +46,13 @@ def _evil_pkl(tmp_path: Path) -> tuple[Path, Path]:
     with open(path, "wb") as f:
         pickle.dump({"model": {"w": _Evil(marker)}, "__author__": "x",
                      "matching_heuristics": True}, f)
+    return path, marker
+
+
+def _evil_pth(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "PWNED_PTH"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": _Evil(marker)}}, path)
     return path, marker
 
 
@@ -93,16 +102,20 @@ def test_train_net_reports_errors_in_one_line_before_launch(tmp_path):
     """With --num-gpus 2 a setup error raised inside launched workers would be a traceback per
     worker: the parent validates first (the evil .pkl is never unpickled by a plain pickle)."""
     evil, marker = _evil_pkl(tmp_path)
+    evil_pth, marker_pth = _evil_pth(tmp_path)
     runs = {"refusing to unpickle posix.system": ["--num-gpus", "2", "MODEL.WEIGHTS", str(evil)],
-            "must look like name=path": ["--eval-only", "--register-coco", "badspec"]}
+            "must look like name=path": ["--eval-only", "--register-coco", "badspec"],
+            # torch.load's default restriction is lifted by the variable, not an explicit one
+            "refused by the restricted loader": ["MODEL.WEIGHTS", str(evil_pth)]}
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     for expected, extra in runs.items():
         r = subprocess.run([sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
                             DEMO_CONFIG, *extra, "OUTPUT_DIR", str(tmp_path / "out")],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, env=env)
         last = r.stderr.strip().splitlines()[-1]  # import-time warnings of torch may precede it
         assert r.returncode != 0 and last.startswith("error: ") and expected in last
-        assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert not marker.exists()
+        assert "Traceback" not in r.stderr and "weights_only" not in last, r.stderr[-2000:]
+    assert not marker.exists() and not marker_pth.exists()
 
 
 def _globals_of(data: bytes) -> set[tuple[str, str]]:
@@ -224,9 +237,111 @@ def test_setup_is_validated_once_before_launch(tmp_path):
     with pytest.raises(SetupError, match="M2.RANDOM_INIT"):
         validate_setup(_args(*data[:6], config=timm_cfg))
     # a dataset registered by the parent's check can be set up again by main() in-process
-    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "a.json").write_text('{"images": [], "annotations": [], '
+                                     '"categories": [{"id": 1, "name": "x"}]}')
     spec = f"mine_{os.getpid()}={tmp_path / 'a.json'}:{tmp_path}"
     assert register_coco_spec(spec) == register_coco_spec(spec)
     (tmp_path / "other").mkdir()
     with pytest.raises(DatasetSpecError, match="already registered"):
         register_coco_spec(f"mine_{os.getpid()}={tmp_path / 'a.json'}:{tmp_path / 'other'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch files through the restricted loader; a hostile pickle cannot hang it
+
+def test_pth_weights_are_restricted_even_when_torch_is_told_otherwise(tmp_path, monkeypatch):
+    from m2_detectron2.checkpoint import RestrictedCheckpointer
+    from m2_detectron2.safe_load import load_torch_file
+
+    evil, marker = _evil_pth(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(UnsafePickleError) as e:
+        RestrictedCheckpointer(model).load(str(evil))
+    msg = str(e.value)
+    assert msg.startswith(f"{evil}: refused by the restricted loader") and "posix.system" in msg
+    assert "\n" not in msg and "weights_only" not in msg and "False" not in msg
+    pyth = tmp_path / "evil.pyth"  # Detectron2's pycls branch: torch.load too
+    pyth.write_bytes(evil.read_bytes())
+    with pytest.raises(UnsafePickleError, match="evil.pyth: refused"):
+        RestrictedCheckpointer(model).load(str(pyth))
+    # the training Trainer switches Detectron2's own checkpointer to the restricted one
+    trainer = object.__new__(Trainer)
+    trainer.checkpointer = DetectionCheckpointer(model)
+    trainer.cfg = get_cfg()
+    trainer.cfg.MODEL.WEIGHTS = str(evil)
+    with pytest.raises(UnsafePickleError, match="evil.pth: refused"):
+        trainer.resume_or_load(resume=False)
+    with pytest.raises(SetupError) as e:  # the parent-side check before launch
+        validate_setup(_args("MODEL.WEIGHTS", str(evil)))
+    assert str(e.value).startswith(f"MODEL.WEIGHTS={evil}: refused") and "\n" not in str(e.value)
+    assert not marker.exists()
+    with pytest.raises(UnsafePickleError, match="plain.pth: refused .*Unsupported operand"):
+        (tmp_path / "plain.pth").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+        load_torch_file(tmp_path / "plain.pth")
+    # good weights still load, as Detectron2 would
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}}, good)
+    RestrictedCheckpointer(model).load(str(good))
+    assert torch.equal(model.weight.detach(), torch.ones(2, 2))
+
+
+def test_detectron2s_own_pth_loader_runs_code_under_the_variable(tmp_path, monkeypatch):
+    """Why the checkpointer is replaced: Detectron2 calls ``torch.load`` without
+    ``weights_only``, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns off."""
+    evil, marker = _evil_pth(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(Exception):  # noqa: B017 - the object is not a tensor: loading fails after
+        DetectionCheckpointer(torch.nn.Linear(2, 2)).load(str(evil))
+    assert marker.exists()
+
+
+def _shared_reference_pickle(levels: int) -> bytes:
+    """``levels`` nested lists, each holding the next one twice: a few bytes per level, and
+    2**levels paths from the top to the innermost list."""
+    inner: list = [np.zeros(1, np.float32)]
+    for _ in range(levels):
+        inner = [inner, inner]
+    return dumps_pickle({"model": inner})
+
+
+def test_object_array_check_visits_each_object_once(monkeypatch):
+    from m2_detectron2 import safe_load
+
+    data = _shared_reference_pickle(50)
+    assert len(data) < 400  # 2**50 paths
+    calls = {"n": 0}
+
+    def counting_isinstance(obj, kind):
+        calls["n"] += 1
+        if calls["n"] > 100_000:  # a walk over paths: stop long before it would end
+            raise RuntimeError("the object-array check walks paths, not objects")
+        return isinstance(obj, kind)
+
+    monkeypatch.setattr(safe_load, "isinstance", counting_isinstance, raising=False)
+    got = load_pickle_file(io.BytesIO(data))
+    assert calls["n"] < 10 * 53  # each of the 52 containers and the array looked at once
+    assert got["model"][0] is got["model"][1]
+    monkeypatch.undo()
+    # an object array hidden behind the shared references is still found
+    inner: list = [np.array([None], dtype=object)]
+    for _ in range(50):
+        inner = [inner, inner]
+    with pytest.raises(UnsafePickleError, match="object array"):
+        load_pickle_file(io.BytesIO(pickle.dumps({"model": inner})))
+
+
+class _Huge:
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __reduce__(self):
+        return self.kind, ((range(10**12),) if self.kind is not bytearray else (10**12,))
+
+
+@pytest.mark.parametrize("kind", [frozenset, set, bytearray])
+def test_pickles_that_expand_into_gigabytes_are_refused(kind):
+    data = pickle.dumps({"model": _Huge(kind)}, protocol=4)
+    assert len(data) < 100
+    with pytest.raises(UnsafePickleError, match=f"refusing {kind.__name__}\\(\\) of a "):
+        load_pickle_file(io.BytesIO(data), "huge.pkl")

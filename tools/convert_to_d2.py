@@ -2,7 +2,11 @@
 """Convert a pretrained ResNet (training checkpoint, exported encoder, or torchvision/timm
 state_dict) to Detectron2 weights.
 
-    python tools/convert_to_d2.py INPUT OUTPUT.pkl [--which teacher|student] [--verify]
+    python tools/convert_to_d2.py INPUT OUTPUT.pkl [--which teacher|student] [--verify] [--force]
+
+INPUT: a training checkpoint (ckpt_*.pth), an exported encoder (.safetensors, or .pth with or
+without its .json sidecar) or a torchvision/timm ResNet state_dict. OUTPUT must end in .pkl;
+an existing OUTPUT is replaced only with --force.
 """
 
 import argparse
@@ -24,9 +28,10 @@ def main() -> int:
                     help="branch of a training checkpoint (default: teacher for M2, query for MoCo)")
     ap.add_argument("--verify", action="store_true",
                     help="check Detectron2's ResNet features against timm's on a random image")
+    ap.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
     args = ap.parse_args()
     try:
-        info = convert_file(args.input, args.output, args.which)
+        info = convert_file(args.input, args.output, args.which, overwrite=args.force)
         counters = [k for k in info["dropped"] if k.endswith("num_batches_tracked")]
         others = [k for k in info["dropped"] if k not in counters]
         note = ", ".join(others + ([f"{len(counters)} BN counters"] if counters else []))
@@ -40,6 +45,9 @@ def main() -> int:
                 return 1
     except (ConversionError, CheckpointError, UnsafePickleError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output folder is not writable, the disk is full, ...
+        print(f"error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -103,29 +103,49 @@ class TimmBackbone(Backbone):
         return max(self._out_feature_strides.values())
 
 
+def timm_weights_problem(own: dict[str, tuple], sd: dict[str, torch.Tensor]) -> str | None:
+    """Why ``sd`` (timm names) does not fit a ``features_only`` model whose tensors have the
+    shapes ``own``; None when it fits.
+
+    Every tensor of the model must be in ``sd`` with its shape; extra keys are allowed only
+    for modules ``features_only`` removes (the classifier, layers after the last feature
+    level). BatchNorm counters (``num_batches_tracked``) are ignored on both sides.
+    """
+    counter = "num_batches_tracked"
+    own = {k: tuple(v) for k, v in own.items() if not k.endswith(counter)}
+    missing = [k for k in own if k not in sd]
+    if missing:
+        return (f"{len(missing)} of the backbone's {len(own)} tensors are missing from the file "
+                f"(another architecture?): {', '.join(missing[:10])}")
+    top = {k.split(".")[0] for k in own}
+    extra = sorted(k for k in sd if k not in own and k.split(".")[0] in top
+                   and not k.endswith(counter))
+    if extra:
+        return f"keys inside the backbone's modules that it does not have: {', '.join(extra[:10])}"
+    shapes = [f"{k} {tuple(sd[k].shape)} (model {own[k]})" for k in own
+              if tuple(sd[k].shape) != own[k]]
+    if shapes:
+        return f"shape mismatch for {', '.join(shapes[:5])}"
+    return None
+
+
 def load_timm_weights(model: torch.nn.Module, path: str, which: str | None = None) -> None:
     """Load encoder weights (timm names) into a ``features_only`` model.
 
-    Every parameter and buffer of ``model`` must be present; extra keys are allowed only for
-    modules ``features_only`` removes (the classifier, and layers after the last feature
-    level). Anything else is an error listing the keys.
+    Accepts what :func:`m2_detectron2.convert.load_encoder_state` reads (an exported encoder,
+    ``.safetensors`` or ``.pth``; a training checkpoint; a timm state_dict).
+
+    Raises:
+        ConversionError: the weights do not fit (see :func:`timm_weights_problem`).
     """
     sd = load_encoder_state(path, which)
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise ConversionError(f"{path}: {len(missing)} backbone keys are missing from the file "
-                              f"(another architecture?): {', '.join(missing[:20])}")
-    top = {k.split(".")[0] for k in own}
-    extra = sorted(k for k in sd if k not in own and k.split(".")[0] in top)
-    if extra:
-        raise ConversionError(f"{path}: keys inside the backbone's modules that it does not "
-                              f"have: {', '.join(extra[:20])}")
-    shapes = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if shapes:
-        raise ConversionError(f"{path}: shape mismatch for {', '.join(shapes[:20])}")
+    problem = timm_weights_problem({k: tuple(v.shape) for k, v in own.items()}, sd)
+    if problem:
+        raise ConversionError(f"{path}: {problem}")
     model.load_state_dict({k: sd[k] for k in own if k in sd}, strict=False)
+    top = {k.split(".")[0] for k in own}
     skipped = sorted({k.split(".")[0] for k in sd if k.split(".")[0] not in top})
     logger.info("loaded %d tensors from %s into timm %s (not used: %s)", len(own), path,
                 type(model).__name__, ", ".join(skipped) or "nothing")
