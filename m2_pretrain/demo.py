@@ -45,6 +45,9 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
     trainer = Trainer(cfg, out / "pretrain")
     result = trainer.fit()
     t_train = time.time() - t0
+    if result["status"] != "completed":  # SIGTERM / Ctrl-C: the checkpoint is kept, stop here
+        raise SystemExit(f"pretraining {result['status']} at step {result['step']}; its "
+                         f"checkpoint is in {out / 'pretrain'}")
     ckpt = list_checkpoints(out / "pretrain")[-1]
     export_encoder(ckpt, out / "encoder.pth", overwrite=True)  # from the fresh run above
     sd, meta = load_exported_encoder(out / "encoder.pth")

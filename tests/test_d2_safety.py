@@ -1,4 +1,4 @@
-"""Detectron2 side of issue 14: .pkl weights never run code, converted files cross numpy 1/2,
+"""Detectron2 safety: .pkl weights never run code, converted files cross numpy 1/2,
 clear converter messages, and setup errors validated once before ``launch``."""
 
 from __future__ import annotations
