@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def default_output_dir(budget: str, seed: int) -> str:
 
 def judge(diff: float, spread: float) -> str:
     """A difference between two detectors in words, against the detector-seed spread."""
+    if not math.isfinite(diff):
+        return "not comparable (COCO AP is NaN when a detector predicts nothing)"
     if abs(diff) <= spread:
         return f"no difference (inside the detector-seed spread of {spread:.1f})"
     return f"{'ahead' if diff > 0 else 'behind'} by more than the detector-seed spread ({spread:.1f})"

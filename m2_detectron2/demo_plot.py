@@ -101,7 +101,8 @@ def plot_summary(summary: dict, panels: Sequence[dict], class_names: Sequence[st
     ax.set_title("Mask R-CNN R18-FPN, val" + ("\n(bars: +-half the detector-seed spread)"
                                               if spread else ""), fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
-    top_ap = max([det[a][t]["AP"] for a in arms for t in ("bbox", "segm")] + [1])
+    top_ap = max([v for a in arms for t in ("bbox", "segm")
+                  if np.isfinite(v := det[a][t]["AP"])] + [1])  # COCO AP is NaN without detections
     ax.set_ylim(0, top_ap * 1.45 + max(spread.values(), default=0))
 
     for r, arm in enumerate(arms):

@@ -30,7 +30,7 @@ def test_plot_summary_writes_a_figure_with_every_panel(tmp_path):
             "knn": {"M2 Teacher (pretrained)": {"top1": 31.2},
                     "untrained (paper init)": {"top1": 20.1}}},
         "detection": {arms[0]: {"bbox": {"AP": 12.3}, "segm": {"AP": 8.1}},
-                      arms[1]: {"bbox": {"AP": 5.2}, "segm": {"AP": 2.3}}},
+                      arms[1]: {"bbox": {"AP": 5.2}, "segm": {"AP": float("nan")}}},
         "detector_seed_spread": {"bbox": 5.4, "segm": 2.0},
         "findings": ["kNN: teacher 31.2 vs untrained 20.1 (+11.1)", "box AP: no difference"],
     }
