@@ -43,8 +43,9 @@ def test_pretraining_configs_of_the_budgets():
 
 def _summary(t_knn, u_knn, t_box, u_box, t_mask, u_mask, budget="quick"):
     return {"budget": budget, "convert": {"verify_max_abs_diff": 0.0},
-            "pretrain": {"steps": 240, "knn": {"M2 Teacher (pretrained)": {"top1": t_knn},
-                                               "untrained (paper init)": {"top1": u_knn}}},
+            "pretrain": {"steps": 240,
+                         "knn": {"M2 Teacher (pretrained)": {"top1": t_knn, "top5": 99.0},
+                                 "untrained (paper init)": {"top1": u_knn, "top5": 98.0}}},
             "detection": {demo.TEACHER_ARM: {"bbox": {"AP": t_box}, "segm": {"AP": t_mask}},
                           demo.UNTRAINED_ARM: {"bbox": {"AP": u_box}, "segm": {"AP": u_mask}}}}
 
@@ -60,3 +61,23 @@ def test_findings_judge_differences_against_the_spread():
     assert lines[1].startswith("Shown: the teacher's features beat")
     assert "ahead by more than" in lines[2]
     assert "not comparable" in lines[3]
+
+
+def test_printout_states_the_findings(monkeypatch, capsys, tmp_path):
+    s = _summary(77.0, 77.3, 20.0, 19.0, 4.0, 4.2)
+    for arm in s["detection"].values():
+        for task in arm.values():
+            task["AP50"] = 2 * task["AP"]
+        arm["seconds"] = 100.0
+    s["pretrain"].update(pretrain_seconds=150.0, final_loss=0.5, encoder="encoder.pth")
+    s.update(detector_seed_spread=demo.DET_SEED_SPREAD, findings=demo.findings(s),
+             pretraining_reused=False, total_seconds=420.0)
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda out, *a: seen.update(out=out, args=a) or s)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    demo.main(["--seed", "2"])
+    out = capsys.readouterr().out
+    assert seen["out"] == "demo_output/seed2" and seen["args"][-1] == "quick"
+    assert "untrained (paper init)" in out and "box AP: teacher 20.0 vs untrained 19.0" in out
+    assert "no difference (inside the detector-seed spread of 5.4)" in out
+    assert "Not shown: 240 steps do not beat" in out
