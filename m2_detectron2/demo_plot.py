@@ -117,7 +117,7 @@ def plot_summary(summary: dict, panels: Sequence[dict], class_names: Sequence[st
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5,
                                        edgecolor=colour))
                 ax.text(x0, y0, f"{class_names[int(pred['classes'][j])]} "
-                        f"{pred['scores'][j]:.2f}", fontsize=9, color="white", va="bottom",
+                        f"{pred['scores'][j]:.2f}", fontsize=9, color="white", va="top",
                         bbox=dict(facecolor=colour, alpha=0.85, pad=0.5, lw=0))
             ax.set_xticks([])
             ax.set_yticks([])
