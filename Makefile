@@ -9,13 +9,15 @@ $(STAMP): requirements/base.txt requirements/detectron2-v0.6.txt scripts/install
 
 install: $(STAMP)
 
-# `make demo SEED=n` seeds pretraining and both detectors; seeds other than 0 write to
-# demo_output/seed<n> so that runs sit side by side.
+# `make demo SEED=n` seeds pretraining and both detectors. DEMO_BUDGET: quick (240 pretraining
+# steps), full (3000, bf16 on CPUs with bf16) or auto (full on CUDA, quick on CPU). Output goes
+# to demo_output[/full][/seed<n>] unless DEMO_OUT is given, so that runs sit side by side.
 SEED ?= 0
-DEMO_OUT ?= $(if $(filter 0,$(SEED)),demo_output,demo_output/seed$(SEED))
+DEMO_BUDGET ?= auto
+DEMO_OUT ?=
 
 demo: $(STAMP)
-	$(PY) -m m2_detectron2.demo --seed $(SEED) --output-dir $(DEMO_OUT)
+	$(PY) -m m2_detectron2.demo --seed $(SEED) --budget $(DEMO_BUDGET) $(if $(DEMO_OUT),--output-dir $(DEMO_OUT))
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -20,7 +20,7 @@ Budgets (``--budget``):
   cpu (default): ``test_resnet`` (timm's 0.4M-parameter ResNet) at 32 px, the 7 Table-1/4 arms
       listed by ``--arms`` default, 3 seeds, 80 steps, about 20 minutes on a 2-core machine.
   gpu: ResNet-18 (the paper's encoder) at 64 px, all 10 arms x 3 seeds as parallel processes,
-      sized to finish within 10 minutes on one H100/H200 (an estimate; see the README).
+      sized to finish within 10 minutes on one H100/H200 (an estimate; see benchmarks/README.md).
 
 Encoder/resolution: 28 px Fashion-MNIST through an ImageNet stem (stride 4) leaves 7x7 maps
 after the stem and 1x1 in the last stage. The GPU budget upsamples to 64 px in the crop
@@ -93,7 +93,7 @@ PAPER = {
     "bn/bn@16": "– (T4: BYOL not run below 64)",
 }
 BUDGETS = {
-    # 20 steps took 6.0 min on 2 idle cores (24 runs); 80 steps are sized for ~20 min (README)
+    # 20 steps took 6.0 min on 2 idle cores (24 runs); 80 steps are sized for ~20 min (benchmarks/README.md)
     "cpu": dict(arch="test_resnet", res=32, steps=80, monitor_every=10, seeds=3, jobs=1,
                 warmup_steps=8, workers=1,
                 arms=["random", "sync/sync", "bn/bn", "bn/momentum", "bn/bn@16",

@@ -1,5 +1,5 @@
 """A pure-Python stand-in for ``detectron2._C`` when detectron2 was installed without its
-C++ extension (the PyPI copy ``pb1-detectron2==0.6``; see README).
+C++ extension (the PyPI copy ``pb1-detectron2==0.6``; see docs/install.md).
 
 ``detectron2.layers`` imports ``detectron2._C`` at import time, although the transfer configs
 of this project never call a C++ op (rotated boxes, deformable convolution, the fast COCO
@@ -45,7 +45,7 @@ def _message(op: str) -> str:
         f"detectron2 C++ op '{op}' was called, but this detectron2 install has no C++ ops "
         "(detectron2._C is a pure-Python stand-in installed by m2_detectron2). Rotated boxes, "
         "deformable convolution and the fast COCO evaluator need detectron2 built from its "
-        "GitHub source (see README, 'How detectron2 gets installed')."
+        "GitHub source (see docs/install.md)."
     )
 
 

@@ -1,8 +1,10 @@
 """`make demo`: the main job on the embedded default dataset (no download).
 
 pretrain (Momentum² Teacher, a few CPU minutes) -> export the teacher encoder -> kNN accuracy
-of the exported encoder next to the same architecture at random initialisation. Results are
-printed as a table and written to ``<output>/results.json``.
+of the exported encoder next to the same architecture untrained, with the config's init
+(``model.zero_init_last``; the demo configs use the paper's). The untrained encoder is saved
+too (``encoder_untrained.pth``, a plain timm state_dict) so that the detectors can start from
+it. Results are printed as a table and written to ``<output>/results.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ from .export import export_encoder, load_exported_encoder
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "embedded_cpu.yaml"
 
 
+TEACHER = "M2 Teacher (pretrained)"
+
+
+def untrained_name(cfg) -> str:
+    """The baseline's label: which init the untrained network has."""
+    init = {False: "paper init", True: "zero-init last BN", None: "timm init"}
+    return f"untrained ({init[cfg.model.zero_init_last]})"
+
+
 def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dict:
     cfg = load_config(config, overrides)
     out = Path(output_dir)
@@ -34,20 +45,25 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
     trainer = Trainer(cfg, out / "pretrain")
     result = trainer.fit()
     t_train = time.time() - t0
+    if result["status"] != "completed":  # SIGTERM / Ctrl-C: the checkpoint is kept, stop here
+        raise SystemExit(f"pretraining {result['status']} at step {result['step']}; its "
+                         f"checkpoint is in {out / 'pretrain'}")
     ckpt = list_checkpoints(out / "pretrain")[-1]
     export_encoder(ckpt, out / "encoder.pth", overwrite=True)  # from the fresh run above
     sd, meta = load_exported_encoder(out / "encoder.pth")
     encoder = timm.create_model(meta["arch"], num_classes=0, pretrained=False)
     encoder.load_state_dict(sd, strict=True)
     device = trainer.device
-    rows = {"M2 Teacher (exported teacher)": knn_eval_encoder(encoder, cfg.data, cfg.knn, device)}
-    torch.manual_seed(cfg.train.seed)  # the encoder pretraining started from, same init scheme
-    rows["random initialisation"] = knn_eval_encoder(
-        create_encoder(meta["arch"], **encoder_kwargs(cfg)), cfg.data, cfg.knn, device)
+    rows = {TEACHER: knn_eval_encoder(encoder, cfg.data, cfg.knn, device)}
+    torch.manual_seed(cfg.train.seed)  # same architecture and init scheme, seeded, untrained
+    untrained = create_encoder(meta["arch"], **encoder_kwargs(cfg))
+    torch.save(untrained.state_dict(), out / "encoder_untrained.pth")
+    rows[untrained_name(cfg)] = knn_eval_encoder(untrained, cfg.data, cfg.knn, device)
     summary = {
         "config": str(config), "overrides": overrides, "steps": result["step"],
         "pretrain_seconds": round(t_train, 1), "checkpoint": str(ckpt),
-        "encoder": str(out / "encoder.pth"), "knn": rows,
+        "encoder": str(out / "encoder.pth"),
+        "encoder_untrained": str(out / "encoder_untrained.pth"), "knn": rows,
         "final_loss": result["history"][-1]["loss"] if result["history"] else None,
         # the loss every `train.log_every` steps, and the teacher's kNN where it was monitored
         "history": [{k: h[k] for k in ("step", "loss", "knn_top1") if k in h}

@@ -4,8 +4,8 @@
 # 1. Upstream (its documented install): build from the GitHub source at a pinned commit.
 #    Used when github.com answers within $M2_D2_PROBE_TIMEOUT seconds.
 # 2. Fallback: the PyPI copy `pb1-detectron2==0.6` (upstream v0.6's Python files without the
-#    C++ sources). A plain `pip install` of it fails while building `detectron2._C`, so we
-#    download the hash-checked sdist, install its Python package without the extension, and pin
+#    C++ sources). A plain `pip install` of it fails while building `detectron2._C`, so the script
+#    downloads the hash-checked sdist, installs its Python package without the extension, and pins
 #    the numpy/Pillow/setuptools that v0.6 needs. `m2_detectron2` then provides a pure-Python
 #    stand-in for `detectron2._C` whose C++-only ops raise a clear error.
 #

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from m2_pretrain.config import ConfigError, load_config, save_config
@@ -87,3 +89,37 @@ def test_zero_init_last_reaches_the_encoder(method):
     base = [f"model.method={method}", "model.arch=resnet18", "model.moco_queue=256"]
     assert torch.all(last_bn_weights(load_config(None, base)) == 0)
     assert torch.all(last_bn_weights(load_config(None, base + ["model.zero_init_last=false"])) == 1)
+
+
+PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain")
+                          .glob("*.yaml"))
+
+
+def test_every_pretraining_config_starts_from_the_papers_init():
+    """Each shipped pretraining config builds an encoder whose residual blocks' last BN weight
+    is 1 (torchvision's init, as the authors' code), not timm's 0."""
+    import functools
+
+    import torch
+
+    from m2_pretrain.engine.trainer import encoder_kwargs
+    from m2_pretrain.models.encoder import create_encoder
+
+    @functools.lru_cache(maxsize=None)
+    def block_final_bn_weights(arch, kwargs):
+        torch.manual_seed(0)
+        enc = create_encoder(arch, **dict(kwargs))
+        out = []
+        for stage in (enc.layer1, enc.layer2, enc.layer3, enc.layer4):
+            for block in stage:
+                # the block's last BN on the residual branch (not the shortcut's)
+                bns = [m for n, m in block.named_modules()
+                       if isinstance(m, torch.nn.BatchNorm2d) and "downsample" not in n]
+                out.append(bns[-1].weight.detach())
+        return torch.cat(out)
+
+    assert len(PRETRAIN_CONFIGS) >= 14
+    for path in PRETRAIN_CONFIGS:
+        cfg = load_config(path)
+        w = block_final_bn_weights(cfg.model.arch, tuple(sorted(encoder_kwargs(cfg).items())))
+        assert torch.all(w == 1), f"{path.name}: block-final BN weights are not all 1"

@@ -21,21 +21,24 @@ def test_overlay_paints_only_masked_pixels_in_class_colour():
 
 
 def test_plot_summary_writes_a_figure_with_every_panel(tmp_path):
-    arms = ["M2 Teacher (converted)", "random initialisation"]
+    arms = ["M2 Teacher (converted)", "untrained, paper init (converted)"]
     summary = {
         "pretrain": {
             "history": [{"step": s, "loss": 3.0 - s / 100, **({"knn_top1": 20.0 + s / 10}
                                                              if s % 60 == 0 else {})}
                         for s in range(10, 250, 10)],
-            "knn": {"M2 Teacher (exported teacher)": {"top1": 31.2},
-                    "random initialisation": {"top1": 20.1}}},
+            "knn": {"M2 Teacher (pretrained)": {"top1": 31.2},
+                    "untrained (paper init)": {"top1": 20.1}}},
         "detection": {arms[0]: {"bbox": {"AP": 12.3}, "segm": {"AP": 8.1}},
-                      arms[1]: {"bbox": {"AP": 5.2}, "segm": {"AP": 2.3}}},
+                      arms[1]: {"bbox": {"AP": 5.2}, "segm": {"AP": float("nan")}}},
+        "detector_seed_spread": {"bbox": 5.4, "segm": 2.0},
+        "findings": ["kNN: teacher 31.2 vs untrained 20.1 (+11.1)", "box AP: no difference"],
     }
     rng = np.random.default_rng(0)
     masks = np.zeros((3, 48, 64), bool)
     masks[0, 5:20, 5:20] = masks[1, 25:40, 30:60] = masks[2, 1:3, 1:3] = True
     pred = {"masks": masks, "classes": np.array([0, 4, 9]), "scores": np.array([0.9, 0.6, 0.1]),
+            "boxes": np.array([[5, 5, 20, 20], [30, 25, 60, 40], [1, 1, 3, 3]], float),
             "file_name": "val_000001.png", "image_id": 1}  # extra keys, as the demo passes
     panels = [{"image": rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), "image_id": i,
                "pred": {a: pred for a in arms}} for i in range(2)]

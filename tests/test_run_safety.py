@@ -1,6 +1,6 @@
 """Pretraining is safe and loss-free by default: output-directory ownership and lock, resume
 config checks, export that never replaces its input, stale temporary files, divergence of
-weights and statistics with a finite loss, and one-line errors (issue 14)."""
+weights and statistics with a finite loss, and one-line errors."""
 
 from __future__ import annotations
 

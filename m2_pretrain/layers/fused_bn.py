@@ -11,7 +11,7 @@ alpha value is a new input value, not a new graph).
 The kernels are injected (``stats_fn``/``elemt_fn``), so the whole function also runs on CPU
 with the stand-ins below: that is how the shared math is tested without a GPU.
 
-Semantics (DESIGN.md, "Momentum BN"): the batch is ``[view][group][sample]``; each slice is
+Semantics (docs/method.md, "Momentum BN"): the batch is ``[view][group][sample]``; each slice is
 normalised with ``alpha * batch + (1 - alpha) * running`` statistics of its group (biased
 variance), then the group's running statistics take ``alpha`` of the mean over views of its
 batch statistics.

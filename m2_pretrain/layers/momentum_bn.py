@@ -1,7 +1,7 @@
 """Momentum BN: batch normalisation whose statistics are a momentum mix of the current
 batch's and the running ones (Momentum² Teacher, Li et al. 2021, Sec. 3.2).
 
-Semantics (the authors' behaviour, with the defects noted in DESIGN.md removed):
+Semantics (the authors' behaviour without two of its defects, see docs/method.md):
 
 * ``alpha`` is the weight of the *current batch*; the trainer sets it from a schedule
   (``m2_pretrain.models.schedules.momentum_bn_alpha``). The layer never advances it.

@@ -3,7 +3,7 @@
 Each view is a separate call; the mean and the (biased) variance are separate passes; the
 statistics waiting for the lazy update and alpha live in Python attributes; ``commit()`` applies
 the lazy update after all views of an iteration. Same semantics as ``MomentumBatchNorm`` (it
-keeps the DESIGN.md fixes: biased variance, no double Bessel correction), slower by design.
+keeps the fixes listed in docs/method.md: biased variance, no double Bessel correction), slower by design.
 Not for training: its Python-side state does not go into ``state_dict``.
 """
 
