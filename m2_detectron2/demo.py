@@ -201,7 +201,7 @@ def run(output_dir: str | Path, pretrain_overrides: list[str], det_opts: list[st
     conv = convert_file(pre["encoder"], pkl, overwrite=True)  # the demo's own file
     max_diff = verify(pre["encoder"], pkl, res=64)
     pkl_untrained = out / "encoder_untrained_d2.pkl"
-    convert_file(pre["encoder_untrained"], pkl_untrained)
+    convert_file(pre["encoder_untrained"], pkl_untrained, overwrite=True)  # the demo's own file
     print(f"converted {conv['keys']} tensors (ResNet-{conv['depth']}); --verify max abs diff "
           f"of res2..res5 features: {max_diff:.2e}", flush=True)
     setup_logger(distributed_rank=comm.get_rank(), name="detectron2")  # progress every 20 iters
