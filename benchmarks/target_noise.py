@@ -176,7 +176,8 @@ def summarise_targets(z: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
     """The reported numbers from targets z (draws, N, 2, dz) and features h (draws, N, 2, dh)."""
     zn = pairwise_noise(z.flatten(1, 2)).view(z.shape[1], 2)
     floor = (2 - 2 * (1 - zn).clamp_min(0).sqrt()).sum(1)  # both views of an image
-    return {"z_noise": zn.mean().item(), "z_relvar": relative_variance(z.flatten(1, 2)).mean().item(),
+    return {"z_noise": zn.mean().item(),
+            "z_relvar": relative_variance(z.flatten(1, 2)).mean().item(),
             "h_noise": pairwise_noise(h.flatten(1, 2)).mean().item(),
             "h_relvar": relative_variance(h.flatten(1, 2)).mean().item(),
             "loss_floor": floor.mean().item()}
@@ -440,6 +441,8 @@ def parse(argv=None):
     ap.add_argument("--name", default="target_noise", help="prefix of the result files")
     ap.add_argument("--force", action="store_true", help="overwrite existing result files")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--replot", metavar="JSON",
+                    help="only rewrite the table and figures from an earlier target_noise.json")
     args = ap.parse_args(argv)
     for k, v in BUDGETS[args.budget].items():
         if getattr(args, k, None) is None:
@@ -474,8 +477,16 @@ def main(argv=None) -> dict:
     args = parse(argv)
     paths = result_paths(args)
     existing = [str(p) for p in paths.values() if p.exists()]
+    if args.replot:
+        existing = [p for p in existing if p != str(paths["json"])]
     if existing and not args.force:
         sys.exit(f"error: {', '.join(existing)} exist; pass --force to overwrite or --out/--name")
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        paths["md"].write_text(markdown(result) + "\n")
+        plot(result, paths)
+        return result
     device = torch.device(args.device)
     t0, cpu0 = time.time(), cpu_seconds()
     seeds = list(range(args.seeds))
@@ -565,7 +576,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Along the runs (teacher as it is at that step; loss = mean training loss over "
               "the preceding steps; floor = loss floor implied by the z' noise):", "",
-              "| run | step | alpha | z' noise | h noise | floor | loss |", "|---|---|---|---|---|---|---|"]
+              "| run | step | alpha | z' noise | h noise | floor | loss |",
+              "|---|---|---|---|---|---|---|"]
     for arm, curve in result["runs"].items():
         for n in curve:
             a = "–" if n["alpha"] is None else f"{n['alpha']:.3f}"
@@ -590,7 +602,7 @@ def plot(result: dict, paths: dict[str, Path]) -> None:
     m, table = result["meta"], result["table"]
     steps, groups = m["snapshots"], m["groups"]
     alphas = [a for a in m["alphas"] if 0 < a < 1]
-    fig, axes = plt.subplots(2, len(steps), figsize=(4.2 * len(steps), 7.6), squeeze=False,
+    fig, axes = plt.subplots(2, len(steps), figsize=(4.4 * len(steps), 8.2), squeeze=False,
                              sharey="row")
     by = {(r["step"], r["key"]): r for r in table}
     colours = plt.cm.viridis([0.15, 0.45, 0.75, 0.95])
@@ -620,7 +632,8 @@ def plot(result: dict, paths: dict[str, Path]) -> None:
             if own is not None:
                 ax.errorbar([m["run_group"]], [max(own[metric]["mean"], 1e-12)],
                             [own[metric]["std"]], color="tab:red", marker="D", ms=7, ls="none",
-                            label=f"Momentum BN as trained (a={own['alpha']:.2g})")
+                            label="Momentum BN as trained: own per-group running statistics, "
+                                  "a of the schedule")
             floor = max(abs(r[metric]["mean"]) for r in table if r["step"] == step and (
                 r["mode"] == "eval" or (r["norm"] == "momentum" and r["alpha"] == 0
                                         and not r["key"].endswith(",own"))))
@@ -631,14 +644,16 @@ def plot(result: dict, paths: dict[str, Path]) -> None:
             if j == 0:
                 ax.set_ylabel(f"{name} noise: 1 - mean cos")
             title = "untrained (paper init)" if step == 0 else f"teacher at step {step}"
+            if own is not None:
+                title += f" (schedule a={own['alpha']:.2g})"
             ax.set_title(f"{title}\neval BN, Momentum BN a=0: |noise| ≤ {floor:.0e}", fontsize=9)
             ax.grid(True, which="both", alpha=0.25)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7)
     fig.suptitle(f"Teacher-target noise over batch compositions ({m['dataset']}, {m['arch']} "
                  f"{m['res']} px, global batch {m['batch']}; mean ± std over {m['seeds']} seeds)",
                  fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(paths["png"], dpi=110)
     plt.close(fig)
 
@@ -656,6 +671,13 @@ def plot(result: dict, paths: dict[str, Path]) -> None:
                  label=f"{lab}: training loss")
         ax2.plot(st, [n["loss_floor"]["mean"] for n in curve], color=c, ls="--",
                  label=f"{lab}: floor from z' noise")
+    mom = next((c for a, c in result["runs"].items() if a.startswith("bn/momentum")), None)
+    if mom:
+        tw = ax1.twinx()
+        tw.plot([n["step"] for n in mom], [n["alpha"] for n in mom], color="tab:blue", ls=":",
+                alpha=0.6)
+        tw.set_ylabel("Momentum BN alpha (dotted)", color="tab:blue")
+        tw.set_ylim(0, 1.05)
     ax1.set_yscale("log")
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("z' noise of the teacher as it is (1 - mean cos)")
@@ -664,7 +686,8 @@ def plot(result: dict, paths: dict[str, Path]) -> None:
     ax1.legend(fontsize=7)
     ax2.set_xlabel("optimizer step")
     ax2.set_ylabel("symmetrised BYOL loss")
-    ax2.set_title("training loss vs the floor a batch-blind predictor cannot beat", fontsize=9)
+    ax2.set_title("training loss; dashed: the floor for a predictor blind to batch-mates",
+                  fontsize=9)
     ax2.grid(True, alpha=0.25)
     ax2.legend(fontsize=7)
     fig.suptitle(f"{m['dataset']}, {m['arch']} {m['res']} px, global batch {m['batch']}, seed "

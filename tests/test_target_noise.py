@@ -183,4 +183,7 @@ def test_script_writes_results_and_keeps_them_without_force(tmp_path):
         assert (out / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="--force"):
         tn.main(argv)
+    (out / "target_noise.png").unlink()
+    again = tn.main(argv + ["--replot", str(out / "target_noise.json"), "--force"])
+    assert again["checks"] == data["checks"] and (out / "target_noise.png").stat().st_size > 0
     shutil.rmtree(tmp_path / "work")
