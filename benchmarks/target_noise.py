@@ -39,8 +39,8 @@ teacher as it is at that step (its own norm, running statistics and alpha_k of t
 schedule) is logged next to the training loss.
 
 Budgets (``--budget``):
-  cpu (default): timm's ``test_resnet`` at 32 px on Fashion-MNIST, 2 x 100 steps; sized for
-      10 minutes on 2 idle cores.
+  cpu (default): timm's ``test_resnet`` at 32 px on Fashion-MNIST, 2 x 100 steps; 8.2 CPU-min
+      (one compute thread and one loader worker), so within 10 minutes on 2 idle cores.
   gpu: ResNet-18 at 64 px, 2 x 1000 steps, larger pool and more draws; sized for 8 minutes on
       one H100/H200 (an estimate).
 
@@ -92,12 +92,11 @@ from m2_pretrain.models.schedules import momentum_bn_alpha  # noqa: E402
 
 METRICS = ("z_noise", "z_relvar", "h_noise", "h_relvar", "loss_floor")
 BUDGETS = {
-    # test_resnet, 32 px: a 2 x 256 teacher forward is ~0.1 s on 2 idle cores; a training
-    # step (g = 8) ~0.8 s
+    # 8.2 CPU-min with one compute thread and one loader worker (benchmarks/target_noise.md)
     "cpu": dict(arch="test_resnet", res=32, steps=100, noise_every=10, snapshots=[0, 50, 100],
                 pool=4096, probes=128, batches_per_draw=2, draws=3, seeds=3, workers=1,
                 warmup_steps=8, device="cpu", alphas=[0.5, 0.1, 0.01]),
-    # ResNet-18, 64 px; the runs are bound by the CPU side of the data pipeline
+    # ResNet-18, 64 px; not run yet: the size is an estimate for 8 min on one H100/H200
     "gpu": dict(arch="resnet18", res=64, steps=1000, noise_every=100,
                 snapshots=[0, 200, 1000], pool=16384, probes=512, batches_per_draw=4, draws=6,
                 seeds=3, workers=8, warmup_steps=50, device="cuda",
