@@ -39,3 +39,9 @@ $(FMNIST):
 .PHONY: benchmark-quality
 benchmark-quality: $(STAMP) $(FMNIST)
 	$(PY) benchmarks/learning_quality.py
+
+# Teacher-target noise over batch compositions (BN groups, Momentum BN alpha, SyncBN, eval BN)
+# and along a BN/BN and a BN/Momentum BN run; regenerates benchmarks/results/target_noise*.
+.PHONY: benchmark-noise
+benchmark-noise: $(STAMP) $(FMNIST)
+	$(PY) benchmarks/target_noise.py --force
