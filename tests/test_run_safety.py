@@ -147,7 +147,7 @@ def test_export_never_replaces_its_input_or_an_existing_file(tmp_path, capsys):
     assert err.count("\n") == 1
     other = tmp_path / "ckpt_00000009.pth"
     atomic_save({"step": 9}, other)
-    with pytest.raises(CheckpointError, match="is a training checkpoint"):
+    with pytest.raises(CheckpointError, match="is named like a training checkpoint"):
         export_encoder(ckpt, other, overwrite=True)
     out = tmp_path / "enc.pth"
     out.write_bytes(b"precious")
@@ -163,7 +163,8 @@ def test_diverging_weights_stop_the_run_although_the_loss_is_finite(tmp_path):
     cfg = tiny_config(optim={"base_lr": 1e6, "warmup_epochs": 0},
                       train={"max_steps": 4}, checkpoint={"every_steps": 1})
     t = Trainer(cfg, tmp_path, progress=False)
-    with pytest.raises(DivergedStateError, match="diverged by step .*last good checkpoint"):
+    with pytest.raises(DivergedStateError, match="by step 1, the parameter norm diverged.*No "
+                                                 "checkpoint was written"):
         t.fit()
     assert all(math.isfinite(r["loss"]) for r in t.history)  # the loss alone never told
     for p in list_checkpoints(tmp_path):  # every checkpoint left behind is sound
