@@ -53,15 +53,23 @@ class DivergedStateError(NonFiniteLossError):
 
 
 # The divergence rule, checked whenever the trainer logs, checkpoints or stops (one fused norm
-# and one host sync, nothing per step), and on every checkpoint ``--resume`` considers:
-# the state has diverged when a floating-point parameter or buffer holds NaN/inf, when one
-# tensor's L2 norm exceeds DIVERGED_NORM, or when the L2 norm of all parameters together, or of
-# all floating-point buffers together (BN statistics, the MoCo queue), exceeds
-# DIVERGENCE_GROWTH times its value at initialisation. Healthy runs stay within a few times
-# their initial norms (weight decay holds the weights, BN statistics follow normalised
-# activations); a run whose loss sat at its upper bound reached 7.7e10 against ~30.
+# and one host sync, nothing per step), and on every checkpoint ``--resume`` considers. The
+# state has diverged when
+# - a floating-point parameter or buffer holds NaN/inf, or one tensor's L2 norm exceeds
+#   DIVERGED_NORM;
+# - the L2 norm of all parameters together exceeds DIVERGENCE_GROWTH times its value at
+#   initialisation (the freshly built model, also for a resumed run);
+# - the L2 norm of all floating-point buffers together (BN running statistics, the MoCo queue)
+#   exceeds STATISTICS_GROWTH times its value at initialisation. Running variances are second
+#   moments: they grow as the square of the weights before a BN layer, whose scale BN hides
+#   from the loss, so their limit is the square of the parameters' one.
+# Healthy runs stay far inside: weight decay holds the parameter norm near its start, and the
+# BN statistics of the whole model grow by a factor of ten or so (docs/pretraining.md gives
+# the measured ratios). A run whose loss sat at its upper bound reached a weight norm of 7.7e10
+# against a healthy ~30.
 DIVERGED_NORM = 1e12
 DIVERGENCE_GROWTH = 1e3
+STATISTICS_GROWTH = DIVERGENCE_GROWTH**2
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -678,20 +686,24 @@ class Trainer:
             i = int((~ok).nonzero()[0])
             return (f"{names[i]} diverged (norm {float(norms[i]):.3g}; {int((~ok).sum())} "
                     "tensors NaN/inf or above 1e12)")
-        for what, value, ref in (("parameter", params, self._norm_reference[0]),
-                                 ("buffer (BN statistics)", buffers, self._norm_reference[1])):
-            if ref > 0 and float(value) > DIVERGENCE_GROWTH * ref:
+        for what, value, ref, limit in self._growth_limits(params, buffers):
+            if ref > 0 and float(value) > limit * ref:
                 return (f"the {what} norm diverged: {float(value):.3g}, {float(value) / ref:.3g} "
-                        f"times its {ref:.3g} at initialisation (limit {DIVERGENCE_GROWTH:g} "
-                        "times)")
+                        f"times its {ref:.3g} at initialisation (limit {limit:g} times)")
         return None
+
+    def _growth_limits(self, params, buffers):
+        """(what, norm now, norm at initialisation, growth limit) of the divergence rule."""
+        return (("parameter", params, self._norm_reference[0], DIVERGENCE_GROWTH),
+                ("buffer (BN statistics)", buffers, self._norm_reference[1], STATISTICS_GROWTH))
 
     @torch.no_grad()
     def _check_finite_state(self) -> None:
         """Stop when a weight or statistic diverged: the loss is bounded (normalised L2), so it
         can stay finite while weights reach 1e30 and BN running variances overflow.
 
-        Applies the divergence rule (see :data:`DIVERGENCE_GROWTH`) to every floating-point
+        Applies the divergence rule (see :data:`DIVERGENCE_GROWTH` and
+        :data:`STATISTICS_GROWTH`) to every floating-point
         parameter and buffer of the model (student, teacher, predictor, Momentum BN
         statistics, MoCo queue) with one fused norm and one host sync.
 
@@ -702,9 +714,9 @@ class Trainer:
         norms, params, buffers = self._norms(params, bufs)
         names = p_names + b_names
         ok = (torch.isfinite(norms) & (norms <= DIVERGED_NORM)).all()
-        for value, ref in zip((params, buffers), self._norm_reference):
+        for _, value, ref, limit in self._growth_limits(params, buffers):
             if ref > 0:
-                ok = ok & (value <= DIVERGENCE_GROWTH * ref)
+                ok = ok & (value <= limit * ref)
         if bool(ok):  # the one host sync
             return
         what = self._divergence(names, norms, params, buffers)
