@@ -394,13 +394,15 @@ def check_encoder(cfg: Config, res: Optional[int] = None, res_key: str = "data.r
     from .models.encoder import check_encoder_input
 
     arch, res = cfg.model.arch, res or cfg.data.res
-    kwargs = {} if cfg.model.zero_init_last is None else {"zero_init_last": cfg.model.zero_init_last}
+    z = cfg.model.zero_init_last
+    kwargs = {} if z is None else {"zero_init_last": z}
     try:
         check_encoder_input(arch, res, **kwargs)
     except TypeError as e:
         if "zero_init_last" in str(e):
             raise ConfigError(f"config key 'model.zero_init_last' is not an argument of timm "
-                              f"'{arch}' (only ResNet-like models take it); leave it unset") from None
+                              f"'{arch}' (only ResNet-like models take it); leave it "
+                              "unset") from None
         raise ConfigError(f"timm '{arch}' cannot be built: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - whatever the model says about the input
         raise ConfigError(f"config key '{res_key}' ({res}) does not fit timm '{arch}': "

@@ -223,7 +223,8 @@ def load_exported_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], Op
         mp = meta_path(path)
         if mp.is_file():
             meta = _read_meta_json(mp.read_text(errors="replace"), str(mp))
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if (not isinstance(sd, dict) or not sd
+            or not all(isinstance(v, torch.Tensor) for v in sd.values())):
         raise CheckpointError(f"{path} is not an encoder state_dict (a dict of tensors)")
     bad = first_non_finite(sd.items())
     if bad is not None:

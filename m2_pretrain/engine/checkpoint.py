@@ -54,7 +54,8 @@ def is_resumable_checkpoint(obj: Any) -> bool:
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> Optional[str]:
     """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
     for name, t in named:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if (isinstance(t, torch.Tensor) and t.is_floating_point()
+                and not bool(torch.isfinite(t).all())):
             return name
     return None
 
@@ -129,8 +130,8 @@ def describe_file(path: str | Path) -> str:
 
 # Sentences of torch.load's error that advise loading the file anyway (``weights_only=False``
 # or allowlisting the file's globals): dropped, since either runs whatever code the file holds.
-_UNSAFE_ADVICE = ("weights only load failed", "weights_only", "safe_globals", "check the documentation",
-                  "alternatively,", "trust")
+_UNSAFE_ADVICE = ("weights only load failed", "weights_only", "safe_globals",
+                  "check the documentation", "alternatively,", "trust")
 
 
 def _refusal_reason(e: BaseException) -> str:
