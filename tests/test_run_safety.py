@@ -334,33 +334,42 @@ def test_resume_skips_foreign_and_broken_checkpoints_naming_them(tmp_path, caplo
 # ----------------------------------------------------------------------------- divergence rule
 def test_divergence_rule_passes_a_healthy_run_and_stops_a_blown_up_one(tmp_path, monkeypatch):
     small = {"arch": "resnet10t"}
-    healthy = Trainer(tiny_config(model=small), tmp_path / "ok", progress=False)
-    assert healthy.fit()["status"] == "completed"
-    _, params, _, buffers = healthy._named_state()
+    t = Trainer(tiny_config(model=small, train={"max_steps": 4}), tmp_path / "ok", progress=False)
+    assert t.fit()["status"] == "completed"
+    _, params, _, buffers = t._named_state()
     with torch.no_grad():
-        _, p, b = healthy._norms(params, buffers)
-    ref_p, ref_b = healthy._norm_reference
+        _, p, b = t._norms(params, buffers)
+    ref_p, ref_b = t._norm_reference
     # far inside the limits (1e3 x for the parameters, 1e6 x for the statistics)
     assert 0.5 < float(p) / ref_p < 10 and 0.5 < float(b) / ref_b < 1e3, (p, ref_p, b, ref_b)
-    healthy._run_lock.release()
-
     # finite and below the absolute 1e12, but orders of magnitude above the start
-    for blow_up, factor, what in (("student.encoder.layer1.0.conv1.weight", 1e5, "parameter"),
-                                  ("teacher.encoder.layer2.0.bn1.running_var", 1e8, "buffer")):
-        run = tmp_path / blow_up
-        t = Trainer(tiny_config(model=small, train={"max_steps": 4}), run, progress=False)
-        target = dict(list(t.model.named_parameters()) + list(t.model.named_buffers()))[blow_up]
-        orig = t.model.update_teacher
+    state = dict(list(t.model.named_parameters()) + list(t.model.named_buffers()))
+    for name, factor, what in (("teacher.encoder.layer2.0.bn1.running_var", 1e8, "buffer"),
+                               ("student.encoder.layer1.0.conv1.weight", 1e5, "parameter")):
+        with torch.no_grad():
+            state[name].mul_(factor)
+        with pytest.raises(DivergedStateError, match=f"by step 4, the {what}.* norm diverged"):
+            t._check_finite_state()
+        with torch.no_grad():
+            state[name].div_(factor)
+        t._check_finite_state()
+    t._run_lock.release()
 
-        def update(one_minus_m, t=t, target=target, orig=orig, factor=factor):
-            orig(one_minus_m)
-            if t.step == 2:  # the optimizer step that ends at step 3
-                with torch.no_grad():
-                    target.mul_(factor)
+    # a run blown up mid-way stops at the next check and names the checkpoint before it
+    run = tmp_path / "blown"
+    t = Trainer(tiny_config(model=small, train={"max_steps": 3}), run, progress=False)
+    weight = t.model.student.encoder.layer1[0].conv1.weight
+    orig = t.model.update_teacher
 
-        monkeypatch.setattr(t.model, "update_teacher", update)
-        with pytest.raises(DivergedStateError, match=f"by step 3, the {what}.* norm diverged") as e:
-            t.fit()
-        assert f"The newest checkpoint, {run / 'ckpt_00000002.pth'} (step 2)" in str(e.value)
-        assert [c.name for c in list_checkpoints(run)] == ["ckpt_00000002.pth"]
-        t._run_lock.release()
+    def update(one_minus_m):
+        orig(one_minus_m)
+        if t.step == 2:  # the optimizer step that ends at step 3
+            with torch.no_grad():
+                weight.mul_(1e5)
+
+    monkeypatch.setattr(t.model, "update_teacher", update)
+    with pytest.raises(DivergedStateError, match="by step 3, the parameter norm diverged") as e:
+        t.fit()
+    assert f"The newest checkpoint, {run / 'ckpt_00000002.pth'} (step 2)" in str(e.value)
+    assert [c.name for c in list_checkpoints(run)] == ["ckpt_00000002.pth"]
+    t._run_lock.release()
