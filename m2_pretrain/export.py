@@ -172,7 +172,7 @@ def _read_meta_json(text: str, where: str) -> dict[str, Any]:
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{where}: the encoder metadata is not valid JSON ({e.msg} at "
+        raise CheckpointError(f"{where}: the encoder metadata is not valid JSON ({e.msg}, "
                               f"character {e.pos}); export the encoder again") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: the encoder metadata is not a JSON object; export the "
