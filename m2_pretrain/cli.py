@@ -10,6 +10,7 @@ from .config import ConfigError, load_config
 from .engine.checkpoint import CheckpointError
 from .engine.run_dir import RunDirError
 from .eval.common import EvalInputError
+from .export import DEFAULT_OUT
 
 
 def _train(args) -> int:
@@ -30,11 +31,11 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_encoder
+    from .export import export_encoder, output_files
 
     meta = export_encoder(args.checkpoint, args.out, args.which, overwrite=args.force)
-    print(f"wrote {args.out} ({meta.get('arch')}, {meta['which']}, step {meta['step']}) "
-          f"and {args.out}.json")
+    written = " and ".join(str(p) for p in output_files(args.out))
+    print(f"wrote {written} ({meta.get('arch')}, {meta['which']}, step {meta['step']})")
     return 0
 
 
@@ -44,10 +45,18 @@ def _evaluate(args) -> int:
     from .engine.trainer import resolve_device
     from .eval import protocols
     from .eval.common import load_encoder, read_split_file, write_results
+    from .models.encoder import check_encoder_input
 
     cfg = load_config(args.config, args.overrides)
-    encoder, meta = load_encoder(args.weights, args.arch)
     device = resolve_device(cfg.train.device)
+    encoder, meta = load_encoder(args.weights, args.arch)
+    res = cfg.eval.res or cfg.data.res
+    try:
+        check_encoder_input(meta["arch"], res)
+    except Exception as e:  # noqa: BLE001 - whatever the model says about the input size
+        key = "eval.res" if cfg.eval.res else "data.res"
+        raise ConfigError(f"config key '{key}' ({res}) does not fit timm '{meta['arch']}': "
+                          f"{one_line(e)}") from None
     torch.manual_seed(cfg.train.seed)
     extra = {"encoder_meta": meta}
     if args.command == "linear":
@@ -81,10 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.set_defaults(func=_train)
-    e = sub.add_parser("export", help="checkpoint -> plain timm encoder state_dict")
+    e = sub.add_parser("export", help="checkpoint -> timm encoder weights with metadata")
     e.add_argument("checkpoint")
-    e.add_argument("--out", required=True)
-    e.add_argument("--force", action="store_true", help="replace an existing --out file")
+    e.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"encoder file (default {DEFAULT_OUT}): .safetensors is timm's format "
+                        "with the metadata in its header; .pth adds a .json metadata sidecar")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing --out file (and its sidecar)")
     e.add_argument("--which", choices=("teacher", "student"), default=None,
                    help="branch to export (default: teacher for M2, query encoder for MoCo v2)")
     e.set_defaults(func=_export)
@@ -92,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
              "semi": "semi-supervised fine-tuning on a labelled split file"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)
-        p.add_argument("--weights", required=True, help="encoder.pth from `m2-pretrain export`")
+        p.add_argument("--weights", required=True,
+                       help="encoder from `m2-pretrain export` (.safetensors, or .pth + .json)")
         p.add_argument("--config", help="YAML config naming the dataset and eval settings")
         p.add_argument("--arch", help="timm architecture when the weights have no metadata")
         p.add_argument("--output-dir", help="where results.json goes")
@@ -102,7 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="file with one image path or name per line (SimCLR 1%%/10%% format)")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides")
         p.set_defaults(func=_evaluate)
+    ap.set_defaults(subcommands=sub.choices)
     return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; a subcommand's ``key=value`` overrides may come before, between
+    or after its options (``train --no-progress a.b=1 --resume c.d=2``)."""
+    ap = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sub = ap.get_default("subcommands")
+    if argv and argv[0] in sub:
+        args = sub[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return ap.parse_args(argv)  # help, or the error naming the valid subcommands
 
 
 def one_line(e: BaseException) -> str:
@@ -117,7 +144,7 @@ def one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         code = args.func(args)
     except (ConfigError, CheckpointError, EvalInputError, RunDirError, FileNotFoundError) as e:

@@ -261,7 +261,89 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_numbers(key: str, values: list, n: int, what: str) -> None:
+    if len(values) != n or not all(_is_number(v) for v in values):
+        raise ConfigError(f"config key '{key}' must be {what}, got {values!r}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric key with a range, one ``ConfigError`` naming the first key outside it."""
+    t, o, d, m, k, e = cfg.train, cfg.optim, cfg.data, cfg.model, cfg.knn, cfg.eval
+    at_least = {  # key: (value, minimum)
+        "train.batch_size": (t.batch_size, 1), "train.accum_steps": (t.accum_steps, 1),
+        "train.log_every": (t.log_every, 1), "train.max_steps": (t.max_steps, 0),
+        "train.m_base_reference_batch": (t.m_base_reference_batch, 0),
+        "data.res": (d.res, 1), "data.workers": (d.workers, 0),
+        "data.num_images": (d.num_images, 1), "data.num_classes": (d.num_classes, 1),
+        "checkpoint.keep_last": (cfg.checkpoint.keep_last, 1),
+        "checkpoint.every_steps": (cfg.checkpoint.every_steps, 1),
+        "optim.lr_reference_batch": (o.lr_reference_batch, 1),
+        "model.proj_hidden": (m.proj_hidden, 1), "model.proj_out": (m.proj_out, 1),
+        "model.pred_hidden": (m.pred_hidden, 1), "model.moco_dim": (m.moco_dim, 1),
+        "model.moco_hidden": (m.moco_hidden, 1), "model.moco_queue": (m.moco_queue, 1),
+        "model.shuffle_splits": (m.shuffle_splits, 1),
+        "knn.k": (k.k, 1), "knn.max_train": (k.max_train, 1),
+        "eval.res": (e.res, 0), "eval.batch_size": (e.batch_size, 1),
+        "eval.semi_batch_size": (e.semi_batch_size, 1),
+        "eval.linear_epochs": (e.linear_epochs, 1), "eval.semi_epochs": (e.semi_epochs, 1),
+        "optim.weight_decay": (o.weight_decay, 0), "optim.warmup_epochs": (o.warmup_epochs, 0),
+        "train.grad_clip": (t.grad_clip, 0), "train.epochs": (t.epochs, 0),
+        "knn.every_epochs": (k.every_epochs, 0),
+    }
+    for key, (val, low) in at_least.items():
+        if not val >= low:  # also refuses NaN
+            raise ConfigError(f"config key '{key}' must be >= {low}, got {val}")
+    positive = {"optim.base_lr": o.base_lr, "knn.temperature": k.temperature,
+                "model.moco_temperature": m.moco_temperature, "eval.linear_lr": e.linear_lr,
+                "eval.semi_lr": e.semi_lr}
+    for key, val in positive.items():
+        if not val > 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {val}")
+    unit = {"optim.momentum": (o.momentum, "[0, 1)", 0 <= o.momentum < 1),
+            "optim.warmup_factor": (o.warmup_factor, "(0, 1]", 0 < o.warmup_factor <= 1),
+            "data.crop_scale_min": (d.crop_scale_min, "(0, 1]", 0 < d.crop_scale_min <= 1),
+            "data.solarize_p": (d.solarize_p, "[0, 1]", 0 <= d.solarize_p <= 1),
+            "train.m_base": (t.m_base, "[0, 1]", 0 <= t.m_base <= 1),
+            "model.alpha_base": (m.alpha_base, "[0, 1]", 0 <= m.alpha_base <= 1),
+            "model.key_alpha": (m.key_alpha, "[0, 1]", 0 <= m.key_alpha <= 1)}
+    for key, (val, text, ok) in unit.items():
+        if not ok:
+            raise ConfigError(f"config key '{key}' must be in {text}, got {val}")
+
+
+def _check_batch_norm_batches(cfg: Config) -> None:
+    """Train-mode batch norm needs at least 2 images per statistics group."""
+    t, m = cfg.train, cfg.model
+    g = t.bn_group_size
+    if g < 0:
+        raise ConfigError(f"config key 'train.bn_group_size' must be >= 0, got {g}")
+    if g > 0 and t.batch_size % g != 0:
+        raise ConfigError(
+            f"config key 'train.bn_group_size' ({g}) must divide train.batch_size "
+            f"({t.batch_size}); use a batch size that is a multiple of the group size")
+    if g > 0 and m.method != "m2":
+        raise ConfigError("config key 'train.bn_group_size' is supported for model.method=m2 only; "
+                          "set it to 0")
+    if g == 1:
+        raise ConfigError("config key 'train.bn_group_size' must be at least 2 (batch norm needs "
+                          "2 images per group), or 0")
+    if t.batch_size < 2:
+        raise ConfigError(f"config key 'train.batch_size' must be at least 2 per view (batch norm "
+                          f"needs 2 images per batch), got {t.batch_size}")
+    if m.method == "mocov2" and m.key_norm == "shuffle_bn" and t.batch_size // m.shuffle_splits < 2:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({t.batch_size}) split into model.shuffle_splits "
+            f"({m.shuffle_splits}) shuffle-BN sub-batches leaves fewer than 2 images in one; "
+            "raise the batch size or lower model.shuffle_splits")
+
+
 def validate(cfg: Config) -> None:
+    """Check every value that can be checked without data or a device; ``ConfigError`` names
+    the first key that is wrong."""
     from .layers.norms import KEY_NORMS, STUDENT_NORMS, TEACHER_NORMS
 
     choices = {
@@ -279,45 +361,57 @@ def validate(cfg: Config) -> None:
     for key, (val, allowed) in choices.items():
         if val not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {val!r}")
-    positive = {
-        "train.batch_size": cfg.train.batch_size,
-        "train.accum_steps": cfg.train.accum_steps,
-        "data.res": cfg.data.res,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "train.log_every": cfg.train.log_every,
-    }
-    for key, val in positive.items():
-        if val <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {val}")
-    g = cfg.train.bn_group_size
-    if g < 0:
-        raise ConfigError(f"config key 'train.bn_group_size' must be >= 0, got {g}")
-    if g > 0 and cfg.train.batch_size % g != 0:
-        raise ConfigError(
-            f"config key 'train.bn_group_size' ({g}) must divide train.batch_size "
-            f"({cfg.train.batch_size}); use a batch size that is a multiple of the group size")
-    if g > 0 and cfg.model.method != "m2":
-        raise ConfigError("config key 'train.bn_group_size' is supported for model.method=m2 only; "
-                          "set it to 0")
+    _check_ranges(cfg)
+    _check_batch_norm_batches(cfg)
     bs = cfg.data.blur_sigma
-    if len(bs) != 2 or not 0 < bs[0] <= bs[1]:
+    _check_numbers("data.blur_sigma", bs, 2, "[low, high] with 0 < low <= high")
+    if not 0 < bs[0] <= bs[1]:
         raise ConfigError(f"config key 'data.blur_sigma' must be [low, high] with 0 < low <= high, "
                           f"got {bs}")
-    if not 0.0 <= cfg.data.solarize_p <= 1.0:
-        raise ConfigError(f"config key 'data.solarize_p' must be in [0, 1], got "
-                          f"{cfg.data.solarize_p}")
+    _check_numbers("data.mean", cfg.data.mean, 3, "3 numbers (per RGB channel)")
+    _check_numbers("data.std", cfg.data.std, 3, "3 positive numbers (per RGB channel)")
+    if not all(v > 0 for v in cfg.data.std):
+        raise ConfigError(f"config key 'data.std' must be 3 positive numbers (per RGB channel), "
+                          f"got {cfg.data.std}")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ConfigError("config key 'train.epochs' must be positive (or set train.max_steps)")
-    if not 0.0 <= cfg.train.m_base <= 1.0:
-        raise ConfigError(f"config key 'train.m_base' must be in [0, 1], got {cfg.train.m_base}")
-    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise ConfigError("config keys 'data.mean' and 'data.std' need 3 values each")
     import timm  # here, not at import time: the config module stays light
 
     if not timm.is_model(cfg.model.arch.split(".")[0]):
         raise ConfigError(f"config key 'model.arch' names no timm model: {cfg.model.arch!r} "
                           "(see timm.list_models())")
+
+
+def check_encoder(cfg: Config, res: Optional[int] = None, res_key: str = "data.res") -> None:
+    """Build ``model.arch`` with the config's timm arguments and pass it a batch of ``res``
+    (default ``data.res``) crops, without allocating it (see
+    :func:`m2_pretrain.models.encoder.check_encoder_input`).
+
+    Raises:
+        ConfigError: ``model.zero_init_last`` set for an architecture without that argument,
+            or an input size the architecture cannot take (e.g. a ViT built for 224 px).
+    """
+    from .models.encoder import check_encoder_input
+
+    arch, res = cfg.model.arch, res or cfg.data.res
+    z = cfg.model.zero_init_last
+    kwargs = {} if z is None else {"zero_init_last": z}
+    try:
+        check_encoder_input(arch, res, **kwargs)
+    except TypeError as e:
+        if "zero_init_last" in str(e):
+            raise ConfigError(f"config key 'model.zero_init_last' is not an argument of timm "
+                              f"'{arch}' (only ResNet-like models take it); leave it "
+                              "unset") from None
+        raise ConfigError(f"timm '{arch}' cannot be built: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the model says about the input
+        raise ConfigError(f"config key '{res_key}' ({res}) does not fit timm '{arch}': "
+                          f"{_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

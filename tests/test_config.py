@@ -123,3 +123,37 @@ def test_every_pretraining_config_starts_from_the_papers_init():
         cfg = load_config(path)
         w = block_final_bn_weights(cfg.model.arch, tuple(sorted(encoder_kwargs(cfg).items())))
         assert torch.all(w == 1), f"{path.name}: block-final BN weights are not all 1"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.workers=-1", "data.workers"),
+    ("train.batch_size=1", "train.batch_size"),
+    ("optim.base_lr=-0.1", "optim.base_lr"),
+    ("optim.momentum=-0.9", "optim.momentum"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay"),
+    ("data.crop_scale_min=-0.5", "data.crop_scale_min"),
+    ("data.crop_scale_min=1.5", "data.crop_scale_min"),
+    ("data.blur_sigma=[a,b]", "data.blur_sigma"),
+    ("data.blur_sigma=[0.1,2,3]", "data.blur_sigma"),
+    ("data.mean=[0.5,0.5]", "data.mean"),
+    ("data.mean=[a,b,c]", "data.mean"),
+    ("data.std=[0.2,0,0.2]", "data.std"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("knn.k=0", "knn.k"),
+    ("knn.temperature=0", "knn.temperature"),
+    ("eval.linear_epochs=0", "eval.linear_epochs"),
+    ("eval.semi_epochs=0.5", "eval.semi_epochs"),
+    ("train.bn_group_size=1", "train.bn_group_size"),
+    ("optim.base_lr=.nan", "optim.base_lr"),
+])
+def test_meaningless_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'") as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_shuffle_bn_sub_batches_need_two_images():
+    base = ["model.method=mocov2", "model.key_norm=shuffle_bn", "model.shuffle_splits=2"]
+    assert load_config(None, base + ["train.batch_size=4"]).train.batch_size == 4
+    with pytest.raises(ConfigError, match="leaves fewer than 2 images"):
+        load_config(None, base + ["train.batch_size=3"])

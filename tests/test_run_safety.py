@@ -8,9 +8,12 @@ import fcntl
 import math
 import os
 import pickle
+import re
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ import torch
 from PIL import Image
 
 from m2_pretrain import cli
-from m2_pretrain.config import ConfigError
+from m2_pretrain.config import ConfigError, load_config
 from m2_pretrain.engine.checkpoint import (
     CheckpointError, atomic_save, list_checkpoints, safe_load)
 from m2_pretrain.engine.run_dir import (
@@ -147,7 +150,7 @@ def test_export_never_replaces_its_input_or_an_existing_file(tmp_path, capsys):
     assert err.count("\n") == 1
     other = tmp_path / "ckpt_00000009.pth"
     atomic_save({"step": 9}, other)
-    with pytest.raises(CheckpointError, match="is a training checkpoint"):
+    with pytest.raises(CheckpointError, match="is named like a training checkpoint"):
         export_encoder(ckpt, other, overwrite=True)
     out = tmp_path / "enc.pth"
     out.write_bytes(b"precious")
@@ -163,7 +166,8 @@ def test_diverging_weights_stop_the_run_although_the_loss_is_finite(tmp_path):
     cfg = tiny_config(optim={"base_lr": 1e6, "warmup_epochs": 0},
                       train={"max_steps": 4}, checkpoint={"every_steps": 1})
     t = Trainer(cfg, tmp_path, progress=False)
-    with pytest.raises(DivergedStateError, match="diverged by step .*last good checkpoint"):
+    with pytest.raises(DivergedStateError, match="by step 1, the parameter norm diverged.*No "
+                                                 "checkpoint was written"):
         t.fit()
     assert all(math.isfinite(r["loss"]) for r in t.history)  # the loss alone never told
     for p in list_checkpoints(tmp_path):  # every checkpoint left behind is sound
@@ -240,3 +244,132 @@ def test_detectron2_pickle_and_random_file_are_named_without_unsafe_advice(tmp_p
 def test_batch_larger_than_dataset_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size"):
         Trainer(tiny_config(data={"num_images": 4}), tmp_path, progress=False)
+
+
+# ----------------------------------------------------------------------------- checked up front
+@pytest.mark.parametrize("overrides, message", [
+    (["model.arch=convnext_atto", "model.zero_init_last=false"],
+     "'model.zero_init_last' is not an argument of timm 'convnext_atto'"),
+    (["model.arch=vit_tiny_patch16_224"],
+     r"'data.res' \(32\) does not fit timm 'vit_tiny_patch16_224': Input height \(32\)"),
+    pytest.param(["train.device=cuda"], "'train.device' is cuda but no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")),
+])
+def test_values_checked_before_the_output_dir_is_touched(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    code, err = _cli(["train", "--no-progress", "--output-dir", str(out), "train.device=cpu",
+                      "data.res=32", "train.max_steps=1", *overrides], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def _bomb_png(path: Path, side: int = 20000) -> None:
+    """A valid PNG whose header claims side x side pixels: beyond PIL's decompression-bomb
+    limit, refused when opened (its few bytes are never decoded)."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 8)) + chunk(b"IEND", b""))
+
+
+def test_failed_launch_leaves_nothing_that_blocks_the_corrected_one(tmp_path, capsys):
+    """A decompression bomb in the first batch stops the run naming the file; the corrected
+    command, with overrides written after --no-progress, starts afresh in the same directory."""
+    root = _corrupt_image_folder(tmp_path / "imgs" / "train")
+    (root / "a" / "0.png").unlink()
+    _bomb_png(root / "a" / "0.png")
+    out = tmp_path / "run"
+    common = ["data.dataset=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.workers=0",
+              "train.batch_size=8", "model.arch=resnet10t", "data.res=32", "train.max_steps=1",
+              "train.device=cpu", "checkpoint.every_steps=1"]
+    code, err = _cli(["train", "--output-dir", str(out), "--no-progress", *common], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot read image" in err and "0.png: DecompressionBombError" in err
+    assert not (out / "config.yaml").exists() and not list_checkpoints(out)
+    code, err = _cli(["train", "--output-dir", str(out), *common[:3], "--no-progress",
+                      *common[3:], "data.skip_corrupt=true"], capsys)
+    assert code == 0, err
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_00000001.pth"]
+    # skip_corrupt may be switched on when resuming a run that met a bad image
+    t = Trainer(load_config(None, common + ["train.max_steps=2", "data.skip_corrupt=true"]), out,
+                resume=True, progress=False)
+    assert t.step == 1
+    t._run_lock.release()
+
+
+# ----------------------------------------------------------------------------- resume by content
+def test_resume_skips_foreign_and_broken_checkpoints_naming_them(tmp_path, caplog):
+    run = tmp_path / "run"
+    t = Trainer(tiny_config(), run, progress=False)
+    good = t.save_checkpoint()
+    t._run_lock.release()
+    del t
+    ck = safe_load(good)
+    nan = dict(ck, teacher=dict(ck["teacher"]))
+    nan["teacher"]["encoder.conv1.weight"] = ck["teacher"]["encoder.conv1.weight"] * float("nan")
+    atomic_save(nan, run / "ckpt_00000005.pth")
+    big = dict(ck, student=dict(ck["student"]))
+    w = ck["student"]["encoder.conv1.weight"]
+    big["student"]["encoder.conv1.weight"] = w * (7.7e10 / float(w.norm()))
+    atomic_save(big, run / "ckpt_00000007.pth")
+    atomic_save({"conv1.weight": torch.zeros(2)}, run / "ckpt_00000009.pth")  # an encoder
+    with caplog.at_level("WARNING"):
+        t = Trainer(tiny_config(), run, resume=True, progress=False)
+    assert t._resumed_from == (good, 0)
+    t._run_lock.release()
+    log = caplog.text
+    assert "ckpt_00000009.pth: not a checkpoint written by the trainer" in log
+    assert "ckpt_00000007.pth: the parameter norm diverged: 7.7e+10" in log
+    assert "ckpt_00000005.pth: teacher.encoder.conv1.weight holds NaN or inf" in log
+    # nothing sound left: one line naming what was skipped, not a KeyError
+    good.unlink()
+    with pytest.raises(RunDirError, match="none of the 3 checkpoint.*ckpt_00000009.pth: not a "
+                                          "checkpoint written by the trainer"):
+        Trainer(tiny_config(), run, resume=True, progress=False)
+
+
+# ----------------------------------------------------------------------------- divergence rule
+def test_divergence_rule_passes_a_healthy_run_and_stops_a_blown_up_one(tmp_path, monkeypatch):
+    small = {"arch": "resnet10t"}
+    t = Trainer(tiny_config(model=small, train={"max_steps": 4}), tmp_path / "ok", progress=False)
+    assert t.fit()["status"] == "completed"
+    _, params, _, buffers = t._named_state()
+    with torch.no_grad():
+        _, p, b = t._norms(params, buffers)
+    ref_p, ref_b = t._norm_reference
+    # far inside the limits (1e3 x for the parameters, 1e6 x for the statistics)
+    assert 0.5 < float(p) / ref_p < 10 and 0.5 < float(b) / ref_b < 1e3, (p, ref_p, b, ref_b)
+    # finite and below the absolute 1e12, but orders of magnitude above the start
+    state = dict(list(t.model.named_parameters()) + list(t.model.named_buffers()))
+    for name, factor, what in (("teacher.encoder.layer2.0.bn1.running_var", 1e8, "buffer"),
+                               ("student.encoder.layer1.0.conv1.weight", 1e5, "parameter")):
+        with torch.no_grad():
+            state[name].mul_(factor)
+        with pytest.raises(DivergedStateError, match=f"by step 4, the {what}.* norm diverged"):
+            t._check_finite_state()
+        with torch.no_grad():
+            state[name].div_(factor)
+        t._check_finite_state()
+    t._run_lock.release()
+
+    # a run blown up mid-way stops at the next check and names the checkpoint before it
+    run = tmp_path / "blown"
+    t = Trainer(tiny_config(model=small, train={"max_steps": 3}), run, progress=False)
+    weight = t.model.student.encoder.layer1[0].conv1.weight
+    orig = t.model.update_teacher
+
+    def update(one_minus_m):
+        orig(one_minus_m)
+        if t.step == 2:  # the optimizer step that ends at step 3
+            with torch.no_grad():
+                weight.mul_(1e5)
+
+    monkeypatch.setattr(t.model, "update_teacher", update)
+    with pytest.raises(DivergedStateError, match="by step 3, the parameter norm diverged") as e:
+        t.fit()
+    assert f"The newest checkpoint, {run / 'ckpt_00000002.pth'} (step 2)" in str(e.value)
+    assert [c.name for c in list_checkpoints(run)] == ["ckpt_00000002.pth"]
+    t._run_lock.release()

@@ -65,12 +65,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(M2Teacher, "forward", forward)
     t = Trainer(cfg, tmp_path, progress=False)
-    with pytest.raises(NonFiniteLossError, match="non-finite at step 5"):
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 5") as e:
         t.fit()
+    # the message names the checkpoint to go back to, and more than the learning rate
+    last = tmp_path / "ckpt_00000004.pth"
+    assert f"The newest checkpoint, {last} (step 4), passed these checks" in str(e.value)
+    assert "corrupt input data" in str(e.value) and "last good" not in str(e.value)
     names = [p.name for p in list_checkpoints(tmp_path)]
     assert names[-1] == "ckpt_00000004.pth"
     ck = safe_load(tmp_path / names[-1])
     assert all(torch.isfinite(v).all() for v in ck["student"].values() if v.is_floating_point())
+    t._run_lock.release()
+    # a resumed run that breaks before its next checkpoint names the one it started from
+    calls["n"] = 5
+    t = Trainer(cfg, tmp_path, resume=True, progress=False)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 4") as e:
+        t.fit()
+    assert (f"No checkpoint holds the broken state: this run resumed from {last} (step 4)"
+            in str(e.value))
 
 
 def test_atomic_save_survives_kill(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .embedded import EmbeddedShapes
@@ -70,12 +70,16 @@ class ImageFolderDataset(Dataset):
         return os.path.basename(self.samples[index][0])
 
     def _load(self, path: str) -> Image.Image:
+        """The RGB image at ``path``; any failure to open or decode it (a truncated file, a
+        decompression bomb beyond PIL's pixel limit, a codec error) is a ``DatasetError``
+        naming the file."""
         try:
             with open(path, "rb") as f:
                 img = Image.open(f)
                 return img.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DatasetError(f"cannot read image {path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable files
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {reason}") from None
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):

@@ -8,7 +8,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -27,8 +27,54 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says what was found."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+# The key the trainer writes into every checkpoint (its value: the format version). ``--resume``
+# considers only files whose content says the trainer wrote them, whatever their name.
+CHECKPOINT_MARKER = "m2_pretrain_checkpoint"
+CHECKPOINT_FORMAT = 1
+# What a checkpoint written before the marker existed holds (all of it is needed to resume).
+_RESUME_KEYS = ("student", "teacher", "config", "optimizer", "step", "rng")
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    """True for anything shaped like a full training checkpoint (student, teacher and config):
+    the file to export an encoder from, not an encoder."""
+    return isinstance(obj, dict) and {"student", "teacher", "config"} <= set(obj)
+
+
+def is_resumable_checkpoint(obj: Any) -> bool:
+    """True when ``obj`` is a checkpoint the trainer wrote (its marker, or every key an older
+    trainer wrote), so ``--resume`` can continue from it."""
+    if not isinstance(obj, dict):
+        return False
+    if obj.get(CHECKPOINT_MARKER) == CHECKPOINT_FORMAT:
+        return True
+    return all(k in obj for k in _RESUME_KEYS) and isinstance(obj["config"], dict)
+
+
+def first_non_finite(named: Iterable[tuple[str, Any]]) -> Optional[str]:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, t in named:
+        if (isinstance(t, torch.Tensor) and t.is_floating_point()
+                and not bool(torch.isfinite(t).all())):
+            return name
+    return None
+
+
+def checkpoint_tensors(ckpt: dict) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor a training checkpoint resumes from: the branches,
+    the predictor, the model's own buffers and the optimizer state."""
+    for part in ("student", "teacher", "predictor", "extra"):
+        for k, v in (ckpt.get(part) or {}).items():
+            yield f"{part}.{k}", v
+    opt = ckpt.get("optimizer") or {}
+    for i, state in (opt.get("state") or {}).items():
+        for k, v in state.items():
+            yield f"optimizer.state.{i}.{k}", v
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, fsync, then rename it over
+    ``path``.
 
     A crash at any point leaves either the old file or the new one, never a partial one.
     """
@@ -36,7 +82,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,6 +97,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write` (temporary file, fsync, rename)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def describe_file(path: str | Path) -> str:
@@ -77,14 +128,24 @@ def describe_file(path: str | Path) -> str:
     return "a plain pickle"
 
 
+# Sentences of torch.load's error that advise loading the file anyway (``weights_only=False``
+# or allowlisting the file's globals): dropped, since either runs whatever code the file holds.
+_UNSAFE_ADVICE = ("weights only load failed", "weights_only", "safe_globals",
+                  "check the documentation", "alternatively,", "trust")
+
+
 def _refusal_reason(e: BaseException) -> str:
     """The useful part of a torch.load error, on one line, without torch's advice to retry with
-    ``weights_only=False`` (which would run whatever code the file holds)."""
-    text = str(e).strip()
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
+    ``weights_only=False`` or to allowlist globals (either would run the file's code)."""
+    text = str(e).replace("WeightsUnpickler error:", "\n")
+    parts = []
+    for line in text.splitlines():
+        for sentence in re.split(r"(?<=\.)\s+", line.strip()):
+            sentence = re.sub(r"\x1b\[[0-9;]*m", "", sentence).strip()
+            if sentence and not any(a in sentence.lower() for a in _UNSAFE_ADVICE):
+                parts.append(sentence)
+    reason = parts[0].rstrip(".") if parts else ""
+    return reason or "it holds objects other than tensors and plain containers"
 
 
 def safe_load(path: str | Path) -> Any:
@@ -134,16 +195,6 @@ def save_rotating(obj: Any, folder: str | Path, step: int, keep_last: int) -> Pa
     for old in list_checkpoints(folder)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
-
-
-def latest_loadable(folder: str | Path) -> Optional[tuple[Path, dict]]:
-    """The newest checkpoint in ``folder`` that loads, with its content; None if none does."""
-    for p in reversed(list_checkpoints(folder)):
-        try:
-            return p, safe_load(p)
-        except CheckpointError as e:
-            logger.warning("ignoring unreadable checkpoint: %s", e)
-    return None
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:

@@ -6,8 +6,9 @@ and a resume that continues the same experiment.
   other run's checkpoints), and a second process on the same directory (an advisory
   ``flock`` on ``DIR/.m2_run.lock``, released by the OS when the process ends, ``kill -9``
   included). It removes temporary files of checkpoint saves that were killed mid-write.
-- :func:`find_resume_checkpoint` refuses to start from scratch when every checkpoint in the
-  directory is unreadable.
+- :func:`find_resume_checkpoint` takes the newest checkpoint the trainer wrote (judged by its
+  content, not its name) whose state is finite, names every file it skips, and refuses to
+  start from scratch when none is left.
 - :func:`check_resume_config` refuses a resume whose config differs from the checkpoint's,
   except for the keys in :data:`RESUME_CHANGEABLE_KEYS` (or any non-model key when the user
   passes ``--resume-allow-changes``); every change is logged.
@@ -19,10 +20,18 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..config import Config, config_from_dict
-from .checkpoint import CheckpointError, latest_loadable, list_checkpoints, remove_stale_temp_files
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_tensors,
+    first_non_finite,
+    is_resumable_checkpoint,
+    list_checkpoints,
+    remove_stale_temp_files,
+    safe_load,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +47,7 @@ RESUME_CHANGEABLE_KEYS: tuple[str, ...] = (
     "train.compile",
     "data.workers",
     "data.pin_memory",
+    "data.skip_corrupt",
     "checkpoint.every_steps",
     "checkpoint.keep_last",
     "knn.*",
@@ -158,22 +168,45 @@ def claim_output_dir(folder: str | Path, resume: bool, is_main: bool = True) -> 
 
 
 # ----------------------------------------------------------------------------- resume
-def find_resume_checkpoint(folder: str | Path) -> Optional[tuple[Path, dict]]:
-    """The newest loadable checkpoint of ``folder`` (None when it has none at all).
+def find_resume_checkpoint(folder: str | Path,
+                           reject: Optional[Callable[[dict], Optional[str]]] = None,
+                           ) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint of ``folder`` that ``--resume`` can continue from (None when the
+    folder has no checkpoint at all).
+
+    A file named like a checkpoint is skipped, with a warning naming it and why, when it does
+    not load, was not written by the trainer (judged by its content, e.g. an exported encoder
+    under a checkpoint's name), holds a NaN/inf tensor, or ``reject(ckpt)`` returns a reason.
 
     Raises:
-        RunDirError: checkpoints exist but none loads (starting from scratch would let the
-            keep-last rotation delete them).
+        RunDirError: checkpoints exist but none can be resumed (starting from scratch would let
+            the keep-last rotation delete them).
     """
-    found = latest_loadable(folder)
-    if found is None:
-        present = list_checkpoints(folder)
-        if present:
-            raise RunDirError(
-                f"--resume: none of the {len(present)} checkpoint(s) in {folder} loads (newest "
-                f"{present[-1].name}); move them elsewhere to start afresh there, or choose a "
-                "new --output-dir")
-    return found
+    present = list_checkpoints(folder)
+    skipped = []
+    for path in reversed(present):
+        try:
+            ckpt = safe_load(path)
+        except CheckpointError as e:
+            reason = f"unreadable: {e}"
+        else:
+            if not is_resumable_checkpoint(ckpt):
+                reason = ("not a checkpoint written by the trainer (an exported encoder or "
+                          "another file under a checkpoint's name?)")
+            elif (bad := first_non_finite(checkpoint_tensors(ckpt))) is not None:
+                reason = f"{bad} holds NaN or inf values"
+            else:
+                reason = reject(ckpt) if reject is not None else None
+            if reason is None:
+                return path, ckpt
+        logger.warning("--resume: skipping %s: %s", path, reason)
+        skipped.append(f"{path.name}: {reason}")
+    if present:
+        raise RunDirError(
+            f"--resume: none of the {len(present)} checkpoint(s) in {folder} loads as a sound "
+            f"training checkpoint ({'; '.join(skipped[:3])}); move them elsewhere to start "
+            "afresh there, or choose a new --output-dir")
+    return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import Config, ConfigError, config_from_dict, save_config
+from ..config import Config, ConfigError, check_encoder, config_from_dict, save_config
 from ..data.augment import Normalizer, TwoViewTransform
 from ..data.batch_augment import BatchTwoViewAugment, GeometricTwoView, batch_generator
 from ..data.datasets import build_dataset
@@ -25,7 +25,13 @@ from ..eval.knn import knn_eval_encoder
 from ..models import M2Teacher
 from ..models.mocov2 import MoCoV2
 from ..models import schedules as S
-from .checkpoint import capture_rng_state, restore_rng_state, save_rotating
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_MARKER,
+    capture_rng_state,
+    restore_rng_state,
+    save_rotating,
+)
 from .run_dir import (
     ResumeConfigError,
     check_resume_config,
@@ -37,16 +43,34 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is left in place."""
+    """The loss became NaN/inf; the broken state is not saved, and the message names the
+    checkpoint to go back to."""
 
 
 class DivergedStateError(NonFiniteLossError):
-    """A weight or BN statistic became NaN/inf or diverged while the (bounded) loss stayed
-    finite; the last good checkpoint is left in place."""
+    """A weight or BN statistic became NaN/inf or diverged (see :data:`DIVERGENCE_GROWTH`)
+    while the (bounded) loss stayed finite; the broken state is not saved."""
 
 
-# A parameter or buffer whose L2 norm exceeds this has diverged (healthy ones are below ~1e4).
+# The divergence rule, checked whenever the trainer logs, checkpoints or stops (one fused norm
+# and one host sync, nothing per step), and on every checkpoint ``--resume`` considers. The
+# state has diverged when
+# - a floating-point parameter or buffer holds NaN/inf, or one tensor's L2 norm exceeds
+#   DIVERGED_NORM;
+# - the L2 norm of all parameters together exceeds DIVERGENCE_GROWTH times its value at
+#   initialisation (the freshly built model, also for a resumed run);
+# - the L2 norm of all floating-point buffers together (BN running statistics, the MoCo queue)
+#   exceeds STATISTICS_GROWTH times its value at initialisation. Running variances are second
+#   moments: they grow as the square of the weights before a BN layer, whose scale BN hides
+#   from the loss, so their limit is the square of the parameters' one.
+# Healthy runs stay far inside. Measured (norm / norm at initialisation): the demo config
+# (configs/pretrain/embedded_cpu.yaml) over its first 40 steps, parameters 1.0001 and
+# statistics 0.6-0.76; the tests' 6-step ResNet-18 at lr 0.1 per 8 images, parameters 1.01 and
+# statistics 11.6 (the stem's running variance follows its growing conv weights). A run whose
+# loss sat at its upper bound reached a weight norm of 7.7e10 against a healthy ~30.
 DIVERGED_NORM = 1e12
+DIVERGENCE_GROWTH = 1e3
+STATISTICS_GROWTH = DIVERGENCE_GROWTH**2
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -173,7 +197,8 @@ def resolve_device(kind: str) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use train.device=cpu)")
+        raise ConfigError("config key 'train.device' is cuda but no CUDA device is available "
+                          "(use train.device=cpu or auto)")
     return torch.device(kind)
 
 
@@ -258,8 +283,11 @@ class Trainer:
         self.out = Path(output_dir)
         self.allow_config_changes = allow_config_changes
         self.device = resolve_device(cfg.train.device)
+        check_encoder(cfg)  # before anything is written
         self.dist = init_distributed(self.device.type)
         self._run_lock = claim_output_dir(self.out, resume, self.dist.is_main)
+        self._resumed_from: Optional[tuple[Path, int]] = None
+        self._last_saved: Optional[tuple[Path, int]] = None
         self.progress = progress and self.dist.is_main
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self.cuda = self.device.type == "cuda"
@@ -325,6 +353,8 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (continuous across epochs)
         self._stop_signal: Optional[int] = None
         self.history: list[dict] = []
+        # parameter and buffer norms at initialisation: the divergence rule's reference
+        self._norm_reference = self._group_norms_at_init()
 
         if resume:
             self._resume()
@@ -335,6 +365,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
+            CHECKPOINT_MARKER: CHECKPOINT_FORMAT,  # what --resume recognises, whatever the name
             "student": self.model.student.state_dict(),
             "teacher": self.model.teacher.state_dict(),
             "predictor": self.model.predictor.state_dict() if hasattr(self.model, "predictor") else {},
@@ -355,7 +386,7 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        found = find_resume_checkpoint(self.out)
+        found = find_resume_checkpoint(self.out, self._diverged_checkpoint)
         if found is None:
             logger.info("--resume: no checkpoint in %s, starting from scratch", self.out)
             return
@@ -376,12 +407,16 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
         restore_rng_state(ckpt["rng"])
+        self._resumed_from = (path, self.step)
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Optional[Path]:
         if not self.dist.is_main:
             return None
-        return save_rotating(self.state_dict(), self.out, self.step, self.cfg.checkpoint.keep_last)
+        path = save_rotating(self.state_dict(), self.out, self.step,
+                             self.cfg.checkpoint.keep_last)
+        self._last_saved = (path, self.step)
+        return path
 
     # ------------------------------------------------------------------ signals
     def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -492,9 +527,23 @@ class Trainer:
         fb = int(self._first_bad)
         if fb >= 0:
             raise NonFiniteLossError(
-                f"loss became non-finite at step {fb}; stopping. The last good checkpoint in "
-                f"{self.out} is kept (lower the learning rate or check the data)")
+                f"loss became non-finite at step {fb}; stopping without saving that state. "
+                f"{self._where_to_go_back()} Likely causes: a learning rate too high for the "
+                "batch (optim.base_lr, optim.warmup_epochs), corrupt input data, or weights "
+                "that diverged earlier")
         self._check_finite_state()
+
+    def _where_to_go_back(self) -> str:
+        """Which checkpoint holds the last state that passed the checks (for stop messages)."""
+        if self._last_saved is not None:
+            path, step = self._last_saved
+            return (f"The newest checkpoint, {path} (step {step}), passed these checks when "
+                    "this run saved it.")
+        if self._resumed_from is not None:
+            path, step = self._resumed_from
+            return (f"No checkpoint holds the broken state: this run resumed from {path} (step "
+                    f"{step}), whose state passed the checks, and wrote none since.")
+        return "No checkpoint was written."
 
     def log(self) -> None:
         """One history row (mean loss over the window, images/s, data-wait share)."""
@@ -576,43 +625,117 @@ class Trainer:
         Returns:
             ``{"status", "step", "total_steps", "history"}``.
 
+        A fresh run that fails before its first checkpoint removes its ``config.yaml``, so the
+        corrected command can use the same ``--output-dir`` without ``--resume``.
+
         Raises:
             NonFiniteLossError: when the loss becomes NaN/inf (no checkpoint is written after it).
         """
         status = "completed"
-        with self._fit_session():
-            self.model.train()
-            while self.step < self.total_steps and self._stop_signal is None:
-                self.run_step()
-                self.after_step()
-            if self._stop_signal is not None:
-                status = f"interrupted by signal {self._stop_signal}"
-                logger.warning("%s: checkpoint saved at step %d in %s", status, self.step, self.out)
+        try:
+            with self._fit_session():
+                self.model.train()
+                while self.step < self.total_steps and self._stop_signal is None:
+                    self.run_step()
+                    self.after_step()
+                if self._stop_signal is not None:
+                    status = f"interrupted by signal {self._stop_signal}"
+                    logger.warning("%s: checkpoint saved at step %d in %s", status, self.step,
+                                   self.out)
+        except BaseException:
+            self._forget_unsaved_fresh_run()
+            raise
         return {"status": status, "step": self.step, "total_steps": self.total_steps,
                 "history": self.history}
+
+    def _forget_unsaved_fresh_run(self) -> None:
+        """Remove ``config.yaml`` of a fresh run that failed before writing any checkpoint:
+        nothing resumable exists, and the file would block the corrected command."""
+        cfg_file = self.out / "config.yaml"
+        if (self.dist.is_main and self._resumed_from is None and self._last_saved is None
+                and cfg_file.is_file()):
+            cfg_file.unlink()
+            logger.info("removed %s: the run failed before its first checkpoint", cfg_file)
+
+    def _named_state(self) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
+        """Names and tensors of the parameters, then of the floating-point buffers."""
+        p = list(self.model.named_parameters())
+        b = [(n, t) for n, t in self.model.named_buffers() if t.is_floating_point()]
+        return [n for n, _ in p], [t for _, t in p], [n for n, _ in b], [t for _, t in b]
+
+    @staticmethod
+    def _norms(params: list[torch.Tensor], buffers: list[torch.Tensor]):
+        """Per-tensor L2 norms (parameters, then buffers) and the L2 norms of all parameters
+        and of all buffers together, on the tensors' device (no host sync)."""
+        device = (params + buffers)[0].device if params + buffers else torch.device("cpu")
+        parts = []
+        for group in (params, buffers):
+            norms = [n.float() for n in torch._foreach_norm(group)] if group else []
+            parts.append(torch.stack(norms) if norms else torch.zeros(0, device=device))
+        return torch.cat(parts), parts[0].square().sum().sqrt(), parts[1].square().sum().sqrt()
+
+    @torch.no_grad()
+    def _group_norms_at_init(self) -> tuple[float, float]:
+        _, params, _, buffers = self._named_state()
+        _, p, b = self._norms(params, buffers)
+        return float(p), float(b)
+
+    def _divergence(self, names, norms, params, buffers) -> Optional[str]:
+        """What breaks the divergence rule (see :data:`DIVERGENCE_GROWTH`), or None."""
+        ok = torch.isfinite(norms) & (norms <= DIVERGED_NORM)
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0])
+            return (f"{names[i]} diverged (norm {float(norms[i]):.3g}; {int((~ok).sum())} "
+                    "tensors NaN/inf or above 1e12)")
+        for what, value, ref, limit in self._growth_limits(params, buffers):
+            if ref > 0 and float(value) > limit * ref:
+                return (f"the {what} norm diverged: {float(value):.3g}, {float(value) / ref:.3g} "
+                        f"times its {ref:.3g} at initialisation (limit {limit:g} times)")
+        return None
+
+    def _growth_limits(self, params, buffers):
+        """(what, norm now, norm at initialisation, growth limit) of the divergence rule."""
+        return (("parameter", params, self._norm_reference[0], DIVERGENCE_GROWTH),
+                ("buffer (BN statistics)", buffers, self._norm_reference[1], STATISTICS_GROWTH))
 
     @torch.no_grad()
     def _check_finite_state(self) -> None:
         """Stop when a weight or statistic diverged: the loss is bounded (normalised L2), so it
         can stay finite while weights reach 1e30 and BN running variances overflow.
 
-        Checks every floating-point parameter and buffer of the model (student, teacher,
-        predictor, Momentum BN statistics, MoCo queue) with one fused norm and one host sync.
+        Applies the divergence rule (see :data:`DIVERGENCE_GROWTH` and
+        :data:`STATISTICS_GROWTH`) to every floating-point
+        parameter and buffer of the model (student, teacher, predictor, Momentum BN
+        statistics, MoCo queue) with one fused norm and one host sync.
 
         Raises:
-            DivergedStateError: a tensor is NaN/inf or its norm exceeds ``DIVERGED_NORM``.
+            DivergedStateError: naming the tensor or norm, and the checkpoint to go back to.
         """
-        named = [(n, t) for n, t in list(self.model.named_parameters())
-                 + list(self.model.named_buffers()) if t.is_floating_point()]
-        norms = torch.stack([n.float() for n in torch._foreach_norm([t for _, t in named])])
-        ok = norms <= DIVERGED_NORM  # False for NaN and inf
-        if bool(ok.all()):
+        p_names, params, b_names, bufs = self._named_state()
+        norms, params, buffers = self._norms(params, bufs)
+        names = p_names + b_names
+        ok = (torch.isfinite(norms) & (norms <= DIVERGED_NORM)).all()
+        for _, value, ref, limit in self._growth_limits(params, buffers):
+            if ref > 0:
+                ok = ok & (value <= limit * ref)
+        if bool(ok):  # the one host sync
             return
-        i = int((~ok).nonzero()[0])
+        what = self._divergence(names, norms, params, buffers)
         raise DivergedStateError(
-            f"{named[i][0]} diverged by step {self.step} (norm {float(norms[i]):.3g}, "
-            f"{int((~ok).sum())} tensors affected); stopping. The last good checkpoint in "
-            f"{self.out} is kept (lower the learning rate or add warm-up)")
+            f"by step {self.step}, {what}; stopping without saving that state. "
+            f"{self._where_to_go_back()} Lower optim.base_lr or lengthen optim.warmup_epochs")
+
+    def _diverged_checkpoint(self, ckpt: dict) -> Optional[str]:
+        """Why ``--resume`` must not continue from ``ckpt`` under the divergence rule, or None."""
+        tensors = {f"{part}.{k}": v for part in ("student", "teacher", "predictor")
+                   for k, v in (ckpt.get(part) or {}).items()}
+        tensors.update(ckpt.get("extra") or {})
+        p_names, _, b_names, _ = self._named_state()
+        p_names = [n for n in p_names if n in tensors]
+        b_names = [n for n in b_names if n in tensors]
+        norms, params, buffers = self._norms([tensors[n].float() for n in p_names],
+                                             [tensors[n].float() for n in b_names])
+        return self._divergence(p_names + b_names, norms, params, buffers)
 
     # ------------------------------------------------------------------ kNN monitor
     def _knn_due(self) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -14,8 +13,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from ..engine.checkpoint import describe_file
-from ..export import is_training_checkpoint, meta_path
+from ..engine.checkpoint import CheckpointError, describe_file, first_non_finite
+from ..export import DEFAULT_OUT, is_safetensors, load_exported_encoder, meta_path
 
 
 class EvalInputError(ValueError):
@@ -33,37 +32,33 @@ def sha256_of(path: str | Path) -> str:
 def load_encoder(weights: str | Path, arch: Optional[str] = None) -> tuple[nn.Module, dict]:
     """Build the timm encoder named by the weights' metadata (or ``arch``) and load them strictly.
 
+    Args:
+        weights: an encoder from ``m2-pretrain export`` (``.safetensors``, or ``.pth`` with its
+            ``.json`` sidecar), or a plain timm state_dict with ``arch``.
+        arch: timm architecture; overrides the metadata's.
+
     Raises:
         EvalInputError: the file is missing, a training checkpoint, a Detectron2 .pkl, not a
-            state_dict, or does not match the architecture.
+            state_dict, holds NaN/inf values, or does not match the architecture.
     """
     path = Path(weights)
     if not path.is_file():
         raise EvalInputError(f"weights file not found: {path}")
     try:
-        with warnings.catch_warnings():  # torch warns about the protocol of plain pickles
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        what = describe_file(path)
-        raise EvalInputError(
-            f"{path} is {what}; pass an encoder exported by `m2-pretrain export CKPT --out encoder.pth`"
-        ) from None
-    if is_training_checkpoint(sd):
-        raise EvalInputError(
-            f"{path} is a full training checkpoint; export its encoder first: "
-            f"m2-pretrain export {path} --out encoder.pth")
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise EvalInputError(
-            f"{path} is not an encoder state_dict (found {type(sd).__name__}); pass an encoder "
-            f"exported by `m2-pretrain export`")
-    mp = meta_path(path)
-    meta = json.loads(mp.read_text()) if mp.is_file() else {}
+        sd, meta = load_exported_encoder(path)
+    except CheckpointError as e:
+        text = str(e)
+        if "is not a loadable PyTorch checkpoint" in text or "already a Detectron2" in text:
+            text = (f"{path} is {describe_file(path)}; pass an encoder exported by "
+                    f"`m2-pretrain export CKPT --out {DEFAULT_OUT}`")
+        raise EvalInputError(text) from None
+    meta = meta or {}
+    where = "its metadata" if is_safetensors(path) else meta_path(path).name
     arch = arch or meta.get("arch")
     if not arch:
-        raise EvalInputError(f"{path} has no {mp.name} metadata: pass the architecture (--arch)")
-    if not timm.is_model(arch.split(".")[0]):
-        raise EvalInputError(f"unknown timm architecture {arch!r} (from --arch or {mp.name}); "
+        raise EvalInputError(f"{path} has no {where}: pass the architecture (--arch)")
+    if not timm.is_model(str(arch).split(".")[0]):
+        raise EvalInputError(f"unknown timm architecture {arch!r} (from --arch or {where}); "
                              "see timm.list_models()")
     encoder = timm.create_model(arch, num_classes=0, pretrained=False)
     try:
@@ -76,6 +71,15 @@ def load_encoder(weights: str | Path, arch: Optional[str] = None) -> tuple[nn.Mo
             f"{path} does not match timm '{arch}': {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     return encoder, {**meta, "arch": arch}
+
+
+def check_finite(what: str, named, hint: str) -> None:
+    """Raise ``EvalInputError`` naming the first NaN/inf tensor of ``named`` ((name, tensor)
+    pairs): no accuracy is reported for a broken model."""
+    bad = first_non_finite(named)
+    if bad is not None:
+        raise EvalInputError(f"{what}: {bad} holds NaN or inf values; no result is reported "
+                             f"({hint})")
 
 
 def read_split_file(path: str | Path, dataset) -> list[int]:

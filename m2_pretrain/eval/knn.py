@@ -94,6 +94,7 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
     """
     from ..data.augment import Normalizer, eval_transform
     from ..data.datasets import build_dataset
+    from .common import check_finite
 
     train_split = train_split or data_cfg.knn_train_split
     test_split = test_split or data_cfg.knn_test_split or train_split
@@ -110,6 +111,9 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
     encoder = encoder.to(device)
     ftr, ltr = extract_features(encoder, train, norm, device, batch_size, data_cfg.workers, progress)
     fte, lte = extract_features(encoder, test, norm, device, batch_size, data_cfg.workers, progress)
+    check_finite("kNN", [(f"features of the {train_split} split", ftr),
+                         (f"features of the {test_split} split", fte)],
+                 "the encoder's weights or statistics are broken")
     out = knn_accuracy(ftr, ltr, fte, lte, k=knn_cfg.k, temperature=knn_cfg.temperature)
     out.update({"train_images": len(train), "val_images": len(test)})
     return out

@@ -17,7 +17,7 @@ from ..config import Config
 from ..data.augment import Normalizer, eval_transform
 from ..data.datasets import build_dataset
 from ..models.schedules import cosine_decay
-from .common import encoder_fingerprint, sanity_check_frozen, topk_correct
+from .common import check_finite, encoder_fingerprint, sanity_check_frozen, topk_correct
 from .knn import knn_eval_encoder
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress
             loss.backward()
             opt.step()
             step += 1
+    check_finite("linear probe", [(f"head.{k}", v) for k, v in head.state_dict().items()],
+                 "the probe diverged: lower eval.linear_lr")
     val_loader = DataLoader(val_ds, batch_size=e.batch_size, num_workers=cfg.data.workers)
     model = nn.Sequential(_Normalised(encoder, norm), head)
     numbers = _evaluate(model, val_loader, device, progress)
@@ -220,6 +222,8 @@ def semi_finetune(encoder: nn.Module, cfg: Config, indices: list[int], device: t
     recount_loader = DataLoader(Subset(recount_full, indices), batch_size=bs, shuffle=False,
                                 num_workers=cfg.data.workers)
     n_bn = recount_bn_statistics(encoder, recount_loader, norm, device)
+    check_finite("semi-supervised fine-tuning", model.state_dict().items(),
+                 "the fine-tuning diverged: lower eval.semi_lr")
     val_loader = DataLoader(val_ds, batch_size=e.batch_size, num_workers=cfg.data.workers)
     numbers = _evaluate(nn.Sequential(_Normalised(encoder, norm), head), val_loader, device, progress)
     numbers.update({"steps": total, "lr": lr, "labelled_images": len(indices),
