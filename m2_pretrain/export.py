@@ -231,4 +231,3 @@ def load_exported_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], Op
         raise CheckpointError(f"{path}: tensor {bad} holds NaN or inf values; a broken encoder "
                               "gives no meaningful number")
     return sd, meta
-
