@@ -13,8 +13,9 @@ tensor computed from them. It records a violation for
   (``copy_`` into a buffer included): on CUDA that is a copy from pageable host memory, which
   synchronises.
 
-Host-side tensors (parameters drawn from a CPU generator) may meet device tensors: the code
-moves them with ``non_blocking=True``, which is a no-op on CPU and invisible here.
+Host-side tensors (parameters drawn from a CPU generator, tables computed from them) may
+meet device tensors: the code moves them with ``non_blocking=True``, which is a no-op on CPU
+and invisible here; so is a ``.to(device)`` without it (a limit of checking on CPU).
 """
 
 from __future__ import annotations
@@ -86,8 +87,6 @@ class SyncRecorder(TorchDispatchMode):
                 self._mark(t, self._fresh)
             elif on_device:
                 self._mark(t, self._device)
-            elif fresh:  # host ops on Python data stay "fresh"
-                self._mark(t, self._fresh)
         return out
 
 

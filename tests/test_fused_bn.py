@@ -340,3 +340,17 @@ def test_module_fused_branch_equals_plain_and_compiles_over_alpha_and_batch_size
             assert counter.frame_count == 1  # three alphas, one graph
     assert stats_calls == [6] * len(batches)  # eager: the fused kernels, 2 views x 3 layers
     assert counter.frame_count <= 2  # the batch sizes cost at most one recompile
+
+
+def test_fused_layer_ops_per_forward():
+    """2 kernels per (view, group) slice plus 9 small ops (one of them an allocation)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from op_count import momentum_bn_ops
+
+    for g in (1, 4):
+        ops = momentum_bn_ops(g)
+        assert ops["batch_norm_stats"] == ops["batch_norm_elemt"] == 2 * g
+        assert sum(ops.values()) == 4 * g + 9, ops
