@@ -224,7 +224,8 @@ def test_registered_kernels_hold_the_cuda_contract(kernels):
     with pytest.raises(RuntimeError, match="fp32 1-D contiguous"):
         torch.batch_norm_elemt(x, None, None, torch.zeros(4, 2)[:, 0], invstd, 1e-5)
     with pytest.raises(RuntimeError, match="strides"):
-        torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5, out=torch.empty_like(x.contiguous()))
+        torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5,
+                               out=torch.empty_like(x.contiguous()))
     with pytest.raises(RuntimeError, match="strides"):
         torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5,
                                out=torch.empty_like(x, dtype=torch.bfloat16))

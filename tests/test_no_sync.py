@@ -56,6 +56,7 @@ def _record_step(trainer: Trainer) -> SyncRecorder:
     return rec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,augment,fused", [
     ("m2", "cuda", True), ("m2", "cpu", False), ("mocov2", "cuda", True),
     ("mocov2", "cpu", False),
