@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-d2-upstream install clean
+.PHONY: demo test test-d2-upstream install clean gpu-check
 
 $(STAMP): requirements/base.txt requirements/detectron2-v0.6.txt scripts/install.sh scripts/install_detectron2.sh pyproject.toml
 	bash scripts/install.sh
@@ -45,3 +45,10 @@ benchmark-quality: $(STAMP) $(FMNIST)
 .PHONY: benchmark-noise
 benchmark-noise: $(STAMP) $(FMNIST)
 	$(PY) benchmarks/target_noise.py --force
+
+# One GPU check (about 9 minutes on one H100/H200): CUDA tests, speed.py eager / --real /
+# --compile at ResNet-50 224 px and ResNet-18 96 px; JSON and a table under
+# benchmarks/results/gpu_check_<date>/. GPU_PY: a Python with torch, torchvision and timm.
+GPU_PY ?= python3
+gpu-check:
+	bash scripts/gpu_check.sh --python $(GPU_PY)

@@ -10,6 +10,8 @@ Arms (synthetic batches already on the device; median of interleaved repeats):
   m2_grouped       the m2 step with virtual devices (train.bn_group_size): per-group BN in the
                    student and Momentum BN per group in the teacher, one forward for all groups
   m2_bf16          the m2 step under bf16 autocast on the CPU (train.amp_cpu)   (--cpu-bf16)
+  m2_augment       the m2 step after the device-side colour augmentation of device-resident
+                   uint8 batches (data.augment_device=cuda without the loader)   (--real)
   mocov2_shuffle   MoCo v2 step, shuffle-BN key encoder        (--moco)
   mocov2_momentum  MoCo v2 step, Momentum BN (alpha 0.064) key  (--moco)
   lightly_byol     the BYOL step built from lightly's modules   (--peer lightly; needs the
@@ -25,8 +27,9 @@ Arms (synthetic batches already on the device; median of interleaved repeats):
 
 --real runs the trainer's own loop (Trainer.fit) on data it generates (STL10's binary layout
 at 96 px; an ImageFolder of about 500x375 JPEGs), and reports images/s, the share of time
-spent waiting for data, and images/s as a fraction of the m2 step rate measured in the same
-process (the step on device-resident batches).
+spent waiting for data, and images/s as a fraction of two rates measured in the same process:
+the m2 step on device-resident batches, and that step after the device-side colour
+augmentation of resident uint8 batches (arm m2_augment).
 
 Ratios printed: m2/ceiling, m2/byol_bn, m2_reference/m2, m2_grouped/m2 (and
 mocov2_momentum/mocov2_shuffle, m2_bf16/m2).
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -138,7 +142,7 @@ def make_arm(name: str, arch: str, heads: dict, batch: int, bn_group_size: int =
         return Ceiling(arch)
     if name == "byol_bn":
         return M2Teacher(arch, teacher_norm="bn", **heads)
-    if name in ("m2", "m2_bf16"):
+    if name in ("m2", "m2_bf16", "m2_augment"):
         return M2Teacher(arch, teacher_norm="momentum", **heads)
     if name == "m2_reference":
         return ReferenceM2Teacher(arch, **heads)
@@ -155,21 +159,53 @@ def make_arm(name: str, arch: str, heads: dict, batch: int, bn_group_size: int =
     raise ValueError(name)
 
 
-class Step:
-    """One training step of an arm, as the trainer runs it."""
+class DeviceAugment:
+    """The trainer's device-side colour augmentation on uint8 view batches resident on the
+    device (no loader): what ``data.augment_device=cuda`` adds to the m2 step."""
 
-    def __init__(self, name, model, device, amp_dtype, channels_last, compile_):
+    def __init__(self, res: int, batch: int, device: torch.device, memory_format) -> None:
+        from m2_pretrain.data.augment import TwoViewTransform
+        from m2_pretrain.data.batch_augment import BatchTwoViewAugment
+
+        tf = TwoViewTransform(res)
+        self.aug = BatchTwoViewAugment(tf.student_cfg, tf.teacher_cfg, [0.485, 0.456, 0.406],
+                                       [0.229, 0.224, 0.225]).to(device)
+        g = torch.Generator().manual_seed(0)
+        u8 = [torch.randint(0, 256, (batch, res, res, 3), generator=g, dtype=torch.uint8)
+              for _ in range(2)]
+        # (B, H, W, 3) -> NCHW view: channels_last, as the loader's batches arrive
+        self.views = [u.to(device).permute(0, 3, 1, 2) for u in u8]
+        self.memory_format, self.k = memory_format, 0
+
+    def __call__(self):
+        from m2_pretrain.data.batch_augment import batch_generator
+
+        self.k += 1
+        return self.aug(*self.views, batch_generator(0, 0, self.k), self.memory_format)
+
+
+class Step:
+    """One training step of an arm, as the trainer runs it (``m2_augment``: the m2 step after
+    the device-side augmentation of resident uint8 batches)."""
+
+    def __init__(self, name, model, device, amp_dtype, channels_last, compile_, res=0, batch=0):
         self.name, self.model, self.device, self.amp_dtype = name, model.to(device), device, amp_dtype
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.fwd = torch.compile(self.model) if compile_ else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = None if name == "ceiling" else torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        self.augment = None
+        if name == "m2_augment":
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            self.augment = DeviceAugment(res, batch, device, fmt)
         self.k = 0
 
     def __call__(self, v1, v2):
+        if self.augment is not None:
+            v1, v2 = self.augment()
         if hasattr(self.model, "set_alpha"):
-            self.model.set_alpha(0.5 * (1 + torch.cos(torch.tensor(self.k / 1000.0))).item())
+            self.model.set_alpha(0.5 * (1 + math.cos(self.k / 1000.0)))
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss = self.fwd(v1, v2)["loss"]
@@ -203,7 +239,8 @@ def bench_steps(args, arms: list[str] | None = None) -> dict:
     v1 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
     v2 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
     steps = {a: Step(a, make_arm(a, args.arch, heads, args.batch, args.bn_group_size), device,
-                     torch.bfloat16 if a == "m2_bf16" else amp, cuda, args.compile) for a in arms}
+                     torch.bfloat16 if a == "m2_bf16" else amp, cuda, args.compile, args.res,
+                     args.batch) for a in arms}
     peak = {}
     for a, st in steps.items():  # warm-up (and compilation), peak memory per arm
         if cuda:
@@ -224,7 +261,7 @@ def bench_steps(args, arms: list[str] | None = None) -> dict:
     med = {a: statistics.median(t) for a, t in times.items()}
     pairs = [("m2", "ceiling"), ("m2", "byol_bn"), ("m2_reference", "m2"), ("m2_grouped", "m2"),
              ("mocov2_momentum", "mocov2_shuffle"), ("m2", "lightly_byol"),
-             ("byol_bn", "lightly_byol"), ("m2_bf16", "m2")]
+             ("byol_bn", "lightly_byol"), ("m2_bf16", "m2"), ("m2_augment", "m2")]
     ratios = {f"{a}/{b}": med[a] / med[b] for a, b in pairs if a in med and b in med}
     return {
         "arms": {a: {"median_s": med[a], "all_s": times[a], "images_per_s": 2 * args.batch / med[a],
@@ -373,12 +410,13 @@ def bench_real(args, kind: str, tmp: Path) -> dict:
     secs = [n / r["img_per_s"] for n, r in zip(imgs_per_window, hist)]
     ips = sum(imgs_per_window) / sum(secs)
     wait = sum(r["data_wait"] * t for r, t in zip(hist, secs)) / sum(secs)
-    step = bench_steps(args, arms=["m2"])["arms"]["m2"]
+    arms = bench_steps(args, arms=["m2", "m2_augment"])["arms"]
+    step, step_aug = arms["m2"]["images_per_s"], arms["m2_augment"]["images_per_s"]
     return {"dataset": kind, "images": args.real_images, "workers": args.workers,
             "augment_device": trainer.augment_mode, "steps_timed": steps[-1] - steps[0],
             "images_per_s": ips, "data_wait_share": wait,
-            "m2_step_images_per_s": step["images_per_s"],
-            "fraction_of_m2_step_rate": ips / step["images_per_s"]}
+            "m2_step_images_per_s": step, "fraction_of_m2_step_rate": ips / step,
+            "m2_augment_images_per_s": step_aug, "fraction_of_m2_augment_rate": ips / step_aug}
 
 
 def main(argv=None) -> None:
@@ -456,7 +494,9 @@ def main(argv=None) -> None:
         print(f"real {r['dataset']} ({r['augment_device']} augmentation, {r['workers']} workers): "
               f"{r['images_per_s']:.1f} images/s, data wait {100 * r['data_wait_share']:.1f} %, "
               f"{r['fraction_of_m2_step_rate']:.3f} of the m2 step rate "
-              f"({r['m2_step_images_per_s']:.1f} images/s)")
+              f"({r['m2_step_images_per_s']:.1f} images/s), "
+              f"{r['fraction_of_m2_augment_rate']:.3f} of the m2 step + device augmentation "
+              f"rate ({r['m2_augment_images_per_s']:.1f} images/s)")
     for k, v in result.get("pipeline", {}).items():
         print(f"pipeline {k:<32}{v:>8.1f}")
     if args.json:

@@ -189,3 +189,18 @@ def test_resume_exact_with_device_augmentation(tmp_path, monkeypatch):
     b = safe_load(list_checkpoints(tmp_path / "part")[-1])
     for k in a["teacher"]:
         torch.testing.assert_close(a["teacher"][k], b["teacher"][k], rtol=0, atol=0)
+
+
+def test_device_ops_per_view_are_few_and_fixed_shape():
+    """Whole-batch ops with per-sample factors: no index_select/index_copy_/nonzero on the
+    device, about 90 ops per view (the per-op index plan took about 310)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from op_count import augment_ops
+
+    ops = augment_ops(batch=64, res=16)
+    total = sum(ops.values())
+    assert 40 <= total <= 100, ops
+    assert not {"index_select", "index_copy_", "nonzero"} & set(ops), ops

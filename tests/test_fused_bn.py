@@ -97,12 +97,12 @@ def test_plain_fallback_is_differentiable_and_equal():
     assert x.grad is not None and w.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_variance_from_invstd_is_exact_and_handles_zero():
+def test_variance_from_invstd_with_the_stats_eps_is_exact_and_handles_zero():
     var = torch.tensor([0.0, 1e-12, 1e-3, 1.0, 1e4])
-    invstd = torch.where(var > 0, torch.rsqrt(var), torch.zeros_like(var))
-    got = FB.var_from_invstd(invstd)
-    assert got[0] == 0
-    torch.testing.assert_close(got, var, rtol=1e-6, atol=0)
+    invstd = torch.rsqrt(var + FB.STATS_EPS)  # what batch_norm_stats(x, STATS_EPS) returns
+    assert torch.isfinite(invstd).all()
+    got = invstd.pow(-2)
+    torch.testing.assert_close(got, var, rtol=1e-6, atol=1e-29)
     # the eps-subtracting alternative gets a small variance badly wrong (cancellation)
     lossy = torch.rsqrt(var + 1e-5).reciprocal().square() - 1e-5
     assert (lossy[1] - var[1]).abs() / var[1] > 0.1
@@ -167,18 +167,191 @@ def test_cuda_fused_equals_cpu_path_to_bf16_rounding(G):
 
 
 @cuda
-def test_cuda_fused_compiles_without_recompiling_for_alpha():
+def test_cuda_compiled_teacher_over_alpha_and_batch_size_equals_eager_fused():
     import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
 
-    V, G, C = 2, 2, 32
-    rm, rv = torch.zeros(G, C, device="cuda"), torch.ones(G, C, device="cuda")
-    w, b = torch.ones(C, device="cuda"), torch.zeros(C, device="cuda")
-    alpha = torch.tensor(1.0, device="cuda")
-    fn = torch.compile(FB.momentum_bn_train_fused)
+    eager, compiled_net = _small_teacher().cuda(), _small_teacher().cuda()
+    counter = CompileCounterWithBackend("inductor")
     dynamo.reset()
-    with dynamo.config.patch(error_on_recompile=True), torch.no_grad():
-        for a in ALPHAS:
-            alpha.fill_(a)
-            x = torch.randn(V * G * 4, C, 8, 8, device="cuda", dtype=torch.bfloat16)
-            y = fn(x, V, G, rm, rv, alpha, w, b, 1e-5)
-            assert torch.isfinite(y.float()).all()
+    compiled = torch.compile(compiled_net, backend=counter, fullgraph=True)
+    for k, (n, a) in enumerate([(8, 1.0), (8, 0.5), (8, 0.2), (12, 0.1), (10, 0.05)]):
+        for net in (eager, compiled_net):
+            for m in net.modules():
+                if isinstance(m, MomentumBatchNorm):
+                    m.set_alpha(a)
+        x = torch.randn(2 * n, 3, 6, 6, device="cuda") + k
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), eager(x), atol=1e-4, rtol=1e-4)
+        if k == 2:
+            assert counter.frame_count == 1
+    assert counter.frame_count <= 2
+    for m, r in zip(eager.modules(), compiled_net.modules()):
+        if isinstance(m, MomentumBatchNorm):
+            torch.testing.assert_close(m.running_var, r.running_var, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- registered kernels
+# The real ops (torch.batch_norm_stats / batch_norm_elemt) with CPU kernels registered for the
+# test only (tests/cpu_bn_kernels.py): the fused path as it runs on CUDA, and torch.compile
+# over it.
+import torch.nn as nn  # noqa: E402
+
+from m2_pretrain.layers import MomentumBatchNorm  # noqa: E402
+from m2_pretrain.layers.momentum_bn import MomentumBatchNormAct2d  # noqa: E402
+
+from cpu_bn_kernels import cpu_bn_kernels  # noqa: E402
+
+
+@pytest.fixture
+def kernels():
+    with cpu_bn_kernels() as calls:
+        yield calls
+    assert not FB.fused_kernels_available(torch.zeros(1, 1))  # removed again
+
+
+def test_registered_kernels_hold_the_cuda_contract(kernels):
+    x = torch.randn(6, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert FB.fused_kernels_available(x)
+    mean, invstd = torch.batch_norm_stats(x, 1e-5)
+    assert mean.dtype == invstd.dtype == torch.float32 and mean.shape == (4,)
+    y = torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5)
+    assert y.stride() == x.stride()
+    want = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="fp32 1-D contiguous"):
+        torch.batch_norm_elemt(x, None, None, mean.double(), invstd, 1e-5)
+    with pytest.raises(RuntimeError, match="fp32 1-D contiguous"):
+        torch.batch_norm_elemt(x, None, None, torch.zeros(4, 2)[:, 0], invstd, 1e-5)
+    with pytest.raises(RuntimeError, match="strides"):
+        torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5,
+                               out=torch.empty_like(x.contiguous()))
+    with pytest.raises(RuntimeError, match="strides"):
+        torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5,
+                               out=torch.empty_like(x, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+        torch.batch_norm_stats(x[:, :, ::2], 1e-5)
+    assert kernels["stats"] == 1 and kernels["elemt"] == 1
+
+
+@pytest.mark.parametrize("V,G,spatial,dtype,channels_last", [
+    (2, 1, (4, 4), torch.float32, False),
+    (2, 3, (4, 4), torch.float32, True),
+    (2, 1, (), torch.float32, False),
+    (1, 1, (3, 5), torch.float32, False),
+    (2, 2, (4, 4), torch.bfloat16, True),
+])
+def test_fused_entry_with_real_ops_equals_plain(kernels, V, G, spatial, dtype, channels_last):
+    C, n, eps = 5, 3, 1e-5
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm = torch.zeros(G, C) if G > 1 else torch.zeros(C)
+    rv = torch.ones_like(rm)
+    rm_ref, rv_ref = torch.zeros(G, C, dtype=torch.float64), torch.ones(G, C, dtype=torch.float64)
+    alpha = torch.tensor(1.0)
+    for k, a in enumerate(ALPHAS):
+        alpha.fill_(a)
+        x = _inputs(V, G, n, C, spatial, k, dtype, channels_last)
+        with torch.no_grad():
+            y = FB.momentum_bn_train_fused(x, V, G, rm, rv, alpha, w, b, eps)
+        want = plain_momentum_bn(x, V, G, rm_ref, rv_ref, a, w, b, eps)
+        assert y.dtype == dtype and y.stride() == x.stride()
+        tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y.double(), want, **tol)
+        torch.testing.assert_close(rm.view(G, C).double(), rm_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rv.view(G, C).double(), rv_ref, atol=1e-5, rtol=1e-5)
+    assert kernels["stats"] == kernels["elemt"] == V * G * len(ALPHAS)
+
+
+class PlainLayer(nn.Module):
+    """Oracle module: ``plain_momentum_bn`` (fp64 loop) with its own fp64 running statistics."""
+
+    def __init__(self, m: MomentumBatchNorm) -> None:
+        super().__init__()
+        self.m, g, c = m, m.num_groups, m.num_features
+        self.rm = m.running_mean.double().view(g, c).clone()
+        self.rv = m.running_var.double().view(g, c).clone()
+
+    def forward(self, x):
+        m = self.m
+        y = plain_momentum_bn(x.detach(), m.num_views, m.num_groups, self.rm, self.rv,
+                              float(m.alpha), m.weight.detach(), m.bias.detach(), m.eps)
+        return m.act(y.float()) if isinstance(m, MomentumBatchNormAct2d) else y.float()
+
+
+def _small_teacher(V=2, G=1):
+    torch.manual_seed(0)
+    bn = dict(num_views=V, num_groups=G)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), MomentumBatchNormAct2d(6, act=nn.ReLU(), **bn),
+        nn.Conv2d(6, 6, 3, padding=1), MomentumBatchNorm(6, **bn), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5), MomentumBatchNorm(5, **bn))
+    for m in net.modules():
+        if isinstance(m, MomentumBatchNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return net.requires_grad_(False)
+
+
+def _oracle(net):
+    import copy
+
+    ref = copy.deepcopy(net)
+    for i, m in enumerate(ref):
+        if isinstance(m, MomentumBatchNorm):
+            ref[i] = PlainLayer(m)
+    return ref
+
+
+def test_module_fused_branch_equals_plain_and_compiles_over_alpha_and_batch_size(kernels):
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    eager, compiled_net = _small_teacher(), _small_teacher()
+    ref_e, ref_c = _oracle(eager), _oracle(compiled_net)
+    counter = CompileCounterWithBackend("aot_eager")
+    dynamo.reset()
+    compiled = torch.compile(compiled_net, backend=counter, fullgraph=True)
+    # per view: a changed batch size, then another (not below the first: convolution's fake
+    # kernel guards on the batch being at least its first size)
+    batches = [8, 8, 8, 12, 12, 10]
+    stats_calls = []
+    for k, n in enumerate(batches):
+        a = [1.0, 0.7, 0.3, 0.2, 0.1, 0.05][k]
+        for net in (eager, compiled_net, ref_e, ref_c):
+            for m in net.modules():
+                if isinstance(m, MomentumBatchNorm):
+                    m.set_alpha(a)
+        x = torch.randn(2 * n, 3, 6, 6, generator=torch.Generator().manual_seed(k)) * 2 + k
+        before = kernels["stats"]
+        with torch.no_grad():
+            y_e = eager(x)
+            stats_calls.append(kernels["stats"] - before)
+            y_c = compiled(x)
+        assert kernels["stats"] - before == stats_calls[-1]  # compiled: composite, no kernel
+        want_e, want_c = ref_e(x), ref_c(x)
+        torch.testing.assert_close(y_e, want_e, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y_c, want_c, atol=1e-4, rtol=1e-4)
+        for net, ref in ((eager, ref_e), (compiled_net, ref_c)):
+            for m, r in zip(net, ref):
+                if isinstance(m, MomentumBatchNorm):
+                    torch.testing.assert_close(m.running_var.double().view_as(r.rv), r.rv,
+                                               atol=1e-5, rtol=1e-5)
+        if k == 2:
+            assert counter.frame_count == 1  # three alphas, one graph
+    assert stats_calls == [6] * len(batches)  # eager: the fused kernels, 2 views x 3 layers
+    assert counter.frame_count <= 2  # the batch sizes cost at most one recompile
+
+
+def test_fused_layer_ops_per_forward():
+    """2 kernels per (view, group) slice plus 9 small ops (one of them an allocation)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from op_count import momentum_bn_ops
+
+    for g in (1, 4):
+        ops = momentum_bn_ops(g)
+        assert ops["batch_norm_stats"] == ops["batch_norm_elemt"] == 2 * g
+        assert sum(ops.values()) == 4 * g + 9, ops

@@ -171,3 +171,42 @@ def test_bad_inputs_raise():
         layer(torch.randn(5, 4, 2, 2))
     with pytest.raises(ValueError, match="expected input"):
         layer(torch.randn(6, 3, 2, 2))
+
+
+def _inductor_kernels(module, x):
+    """(kernels, extern calls) in the code inductor generates for ``module(x)`` (CPU, not
+    compiled to machine code)."""
+    import re
+
+    import torch._dynamo as dynamo
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import get_code
+
+    dynamo.reset()
+    # get_code skips the C++ compilation; the caches would want the compiled module
+    with inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False), torch.no_grad():
+        codes = get_code(torch.compile(module, fullgraph=True), x)
+    call = "\n".join(c[c.index("def call("):] for c in codes if "def call(" in c)
+    assert call, codes
+    return len(re.findall(r"^\s+cpp_fused_\w+\(", call, re.M)), call.count("extern_kernels."), call
+
+
+def test_compiled_teacher_block_fuses_like_plain_bn():
+    """Under torch.compile the layer uses its composite math (the fused CUDA ops have no fake
+    kernels), which inductor fuses with the activation: no more kernels than plain BN + ReLU,
+    even where the fused path's ops have kernels (registered here on CPU)."""
+    from m2_pretrain.layers.momentum_bn import MomentumBatchNormAct2d
+
+    from cpu_bn_kernels import cpu_bn_kernels
+
+    x = torch.randn(16, 8, 6, 6)
+    plain = torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.ReLU()).requires_grad_(False)
+    mbn = MomentumBatchNormAct2d(8, num_views=2, num_groups=2, act=torch.nn.ReLU())
+    mbn.requires_grad_(False)
+    k_plain, e_plain, _ = _inductor_kernels(plain, x)
+    with cpu_bn_kernels() as calls:
+        k_mbn, e_mbn, code = _inductor_kernels(mbn, x)
+    assert calls["stats"] == 0 and "batch_norm_stats" not in code
+    assert k_plain >= 1 and k_mbn + e_mbn <= k_plain + e_plain, (k_mbn, e_mbn, k_plain, e_plain)

@@ -52,6 +52,9 @@ def test_speed_real_runs_the_trainer_on_generated_stl10(tmp_path):
     assert real["images_per_s"] > 0 and 0 <= real["data_wait_share"] < 1
     rate = real["fraction_of_m2_step_rate"] * real["m2_step_images_per_s"]
     assert abs(rate - real["images_per_s"]) < 1e-6
+    rate = real["fraction_of_m2_augment_rate"] * real["m2_augment_images_per_s"]
+    assert abs(rate - real["images_per_s"]) < 1e-6
+    assert "of the m2 step + device augmentation rate" in r.stdout
     assert "of the m2 step rate" in r.stdout
 
 

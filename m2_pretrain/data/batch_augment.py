@@ -13,8 +13,13 @@
 Parameters are drawn on the CPU from a ``torch.Generator`` seeded by
 ``(seed, rank, micro-batch index)`` (:func:`batch_generator`), so they do not depend on the
 number of loader workers, CPU and GPU runs see the same parameters, and a resumed run is exact.
-Which samples get which op is therefore known on the host: the device only runs
-``index_select`` / ``index_copy_`` with index tensors sent once per view, never a host sync.
+They go to the device as one small per-sample table (pinned, non-blocking; never a host sync).
+Every op then runs over the whole batch with fixed shapes and per-sample factors (kornia's
+split of drawing and applying): colour jitter is three blend passes before the hue rotation
+and three after it, in each sample's own op order, with identity factors (exact) for the
+samples whose op is elsewhere; hue, grayscale, blur and solarisation are selected per sample
+by exact 0/1 weights, a delta kernel or a threshold. Ops no sample of the batch needs are
+skipped (decided on the host). About 90 eager ops per view.
 
 Colour ops work on float32 images in [0, 1] (torchvision's tensor conventions, fractional
 values kept between ops) and follow the PIL ops of ``torchvision.transforms.ColorJitter``:
@@ -221,24 +226,29 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     applied here, elementwise in float, so both pipelines draw the same hue distribution;
     the value (max of R, G, B) is kept exactly.
     """
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    r, g, b = x.unbind(1)
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h_byte = torch.floor(torch.remainder(h / 6.0, 1.0) * 255.0)
-    s_byte = torch.floor(delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)) * 255.0)
-    step = torch.trunc(shift.to(torch.float64) * 255.0).to(x.dtype).view(-1, 1, 1)
+    step = torch.trunc(shift.to(torch.float64) * 255.0).to(x.dtype)
+    return _rotate_hue(x, step.to(x.device).view(-1, 1, 1))
+
+
+def _rotate_hue(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """:func:`adjust_hue` with the hue-byte step given, (B, 1, 1) (or broadcastable)."""
+    maxc, imax = x.max(dim=1)  # the first maximal channel: R before G before B, as PIL
+    delta = maxc - x.amin(dim=1)
+    # (max - c) / delta per channel (0 for grey pixels)
+    rgbc = (maxc.unsqueeze(1) - x) / delta.clamp_min(1e-30).unsqueeze(1)
+    # hue in sextants by max channel: R: bc - gc, G: 2 + rc - bc, B: 4 + gc - rc
+    diff = rgbc.roll(1, dims=1) - rgbc.roll(-1, dims=1)
+    h = diff.gather(1, imax.unsqueeze(1)).squeeze(1) + 2.0 * imax
+    h_byte = torch.floor(torch.remainder(h, 6.0) * (255.0 / 6.0))
+    s_byte = torch.floor(delta / maxc.clamp_min(1e-30) * 255.0)
     h6 = torch.remainder(h_byte + step, 256.0) * (6.0 / 255.0)
     chroma = maxc * (s_byte / 255.0)
     # back to RGB: each channel is v - chroma * clamp(min(k, 4 - k), 0, 1) with
     # k = (n + h6) mod 6 (n = 5, 3, 1 for R, G, B); grey pixels (chroma 0) stay grey.
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    k = torch.remainder(n + h6.unsqueeze(1), 6.0)
+    n = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(h6.unsqueeze(1) + n, 6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0, 1)
-    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * w
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), w, value=-1.0)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -283,28 +293,110 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
 
 
 # ----------------------------------------------------------------------------- batched view
-def _plan(p: ViewParams) -> tuple[torch.Tensor, list[tuple[str, int, int, int]]]:
-    """Host-side plan: one long tensor of concatenated sample indices, and for each step
-    ``(kind, op, start, stop)`` into it. Kinds: ``jitter`` (op = 0..3, in position order),
-    ``gray``, ``blur``, ``solarize``."""
-    chunks, steps, pos = [], [], 0
+_SOLARIZE_THRESHOLD = 128 / 255
+_NEVER = 2.0  # a solarisation threshold no pixel reaches
 
-    def add(kind: str, op: int, mask: torch.Tensor) -> None:
-        nonlocal pos
-        idx = mask.nonzero().flatten()
-        if len(idx):
-            chunks.append(idx)
-            steps.append((kind, op, pos, pos + len(idx)))
-            pos += len(idx)
 
-    for j in range(4):
-        for op in range(4):
-            add("jitter", op, p.jitter & (p.order[:, j] == op))
-    add("gray", 0, p.gray)
-    add("blur", 0, p.blur)
-    add("solarize", 0, p.solarize)
-    idx = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
-    return idx, steps
+@dataclass
+class ViewPlan:
+    """Host-side plan of one view: a (B, F) float32 table of per-sample factors and which
+    passes run. Columns: for each of the 6 blend passes ``(f, a, b)`` with
+    ``y = f * x + a * mean_luma + b * luma``; the hue byte step; jitter, grayscale (0/1); the
+    solarisation threshold; then the blur kernel (a delta for samples without blur)."""
+
+    table: torch.Tensor
+    passes: list[tuple[int, bool]]  # (pass index, needs luma) of the blend passes that run
+    hue: bool
+    jitter_all: bool
+    gray: bool
+    blur: bool
+    solarize: bool
+    kernel_size: int
+
+
+_HUE, _JIT, _GRAY, _SOL, _KER = 18, 19, 20, 21, 22
+
+
+def plan_view(p: ViewParams, kernel_size: int) -> ViewPlan:
+    """Per-sample factors of every pass (see :class:`ViewPlan`), computed on the host.
+
+    Colour jitter applies the four ops in each sample's order; hue sits at position
+    ``q`` of it. Pass ``j < 3`` (before the hue) applies the op at position ``j`` to samples
+    with ``j < q``; pass ``3 + j`` (after it) applies the op at position ``j + 1`` to samples
+    with ``j + 1 > q``; other samples get the identity ``(1, 0, 0)`` there, which is exact.
+    """
+    n = len(p)
+    jit = p.jitter
+    hue_pos = (p.order == HUE).float().argmax(dim=1)
+    factor = torch.stack([p.brightness, p.contrast, p.saturation], dim=1).double()  # (B, 3)
+    table = torch.zeros(n, _KER + kernel_size, dtype=torch.float64)
+    passes = []
+    for i in range(6):
+        pos = i if i < 3 else i - 2
+        op = p.order[:, pos]
+        active = jit & ((pos < hue_pos) if i < 3 else (pos > hue_pos))
+        f = torch.where(active, factor.gather(1, op.clamp(max=2).view(-1, 1)).squeeze(1), 1.0)
+        table[:, 3 * i] = f
+        table[:, 3 * i + 1] = torch.where(active & (op == CONTRAST), 1.0 - f, 0.0)
+        table[:, 3 * i + 2] = torch.where(active & (op == SATURATION), 1.0 - f, 0.0)
+        if active.any():
+            passes.append((i, bool((active & (op != BRIGHTNESS)).any())))
+    table[:, _HUE] = torch.trunc(p.hue.double() * 255.0)
+    table[:, _JIT] = jit.double()
+    table[:, _GRAY] = p.gray.double()
+    table[:, _SOL] = torch.where(p.solarize, _SOLARIZE_THRESHOLD, _NEVER)
+    delta = torch.zeros(kernel_size, dtype=torch.float64)
+    delta[kernel_size // 2] = 1.0
+    kernels = gaussian_kernels(p.sigma, kernel_size).double()
+    table[:, _KER:] = torch.where(p.blur.view(-1, 1), kernels, delta)
+    return ViewPlan(table.float(), passes, bool(jit.any()), bool(jit.all()), bool(p.gray.any()),
+                    bool(p.blur.any()), bool(p.solarize.any()), kernel_size)
+
+
+def _col(t: torch.Tensor, i: int) -> torch.Tensor:
+    return t[:, i].view(-1, 1, 1, 1)
+
+
+def run_plan(x: torch.Tensor, plan: ViewPlan, luma_w: torch.Tensor) -> torch.Tensor:
+    """Apply a :class:`ViewPlan` to float images (B, 3, H, W) in [0, 1] on any device.
+
+    ``luma_w`` is the (1, 3, 1, 1) luma weight tensor on ``x``'s device.
+    """
+    dev = x.device
+    t = plan.table
+    if dev.type == "cuda":
+        t = t.pin_memory()
+    t = t.to(dev, non_blocking=True)
+    y = x
+
+    def blend(y: torch.Tensor, i: int, needs_luma: bool) -> torch.Tensor:
+        out = y * _col(t, 3 * i)
+        if needs_luma:
+            lum = (y * luma_w).sum(dim=1, keepdim=True)
+            ref = torch.addcmul(lum.mean(dim=(2, 3), keepdim=True) * _col(t, 3 * i + 1),
+                                _col(t, 3 * i + 2), lum)
+            out = out.add_(ref)
+        return out.clamp_(0, 1)
+
+    hue_done = not plan.hue
+    for i, needs_luma in plan.passes:
+        if i >= 3 and not hue_done:  # between the passes before and after the hue
+            y, hue_done = _hue_step(y, t, plan), True
+        y = blend(y, i, needs_luma)
+    if not hue_done:
+        y = _hue_step(y, t, plan)
+    if plan.gray:
+        y = torch.lerp(y, (y * luma_w).sum(dim=1, keepdim=True), _col(t, _GRAY))
+    if plan.blur:
+        y = gaussian_blur(y, t[:, _KER:])
+    if plan.solarize:
+        y = torch.where(y >= _col(t, _SOL), 1.0 - y, y)
+    return y
+
+
+def _hue_step(y: torch.Tensor, t: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
+    rotated = _rotate_hue(y, t[:, _HUE].view(-1, 1, 1))
+    return rotated if plan.jitter_all else torch.lerp(y, rotated, _col(t, _JIT))
 
 
 def apply_view(x: torch.Tensor, p: ViewParams, kernel_size: int) -> torch.Tensor:
@@ -320,25 +412,8 @@ def apply_view(x: torch.Tensor, p: ViewParams, kernel_size: int) -> torch.Tensor
     """
     if len(p) != x.shape[0]:
         raise ValueError(f"{len(p)} parameter sets for a batch of {x.shape[0]}")
-    idx_all, steps = _plan(p)
-    dev = x.device
-    idx_all = idx_all.to(dev, non_blocking=True)
-    factors = torch.stack([p.brightness, p.contrast, p.saturation, p.hue, p.sigma]).to(
-        dev, non_blocking=True)
-    x = x.clone()
-    for kind, op, a, b in steps:
-        idx = idx_all[a:b]
-        sub = x.index_select(0, idx)
-        if kind == "jitter":
-            sub = _JITTER_OPS[op](sub, factors[op].index_select(0, idx))
-        elif kind == "gray":
-            sub = grayscale(sub)
-        elif kind == "blur":
-            sub = gaussian_blur(sub, gaussian_kernels(factors[4].index_select(0, idx), kernel_size))
-        else:
-            sub = solarize(sub)
-        x.index_copy_(0, idx, sub.to(x.dtype))
-    return x
+    luma_w = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    return run_plan(x, plan_view(p, kernel_size), luma_w)
 
 
 class BatchTwoViewAugment(torch.nn.Module):
@@ -355,8 +430,12 @@ class BatchTwoViewAugment(torch.nn.Module):
         super().__init__()
         self.student_cfg, self.teacher_cfg = student, teacher
         self.kernel_size = _blur_kernel(student.res)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+        # normalisation in one op: y * scale + shift
+        self.register_buffer("scale", (1 / s).float(), persistent=False)
+        self.register_buffer("shift", (-m / s).float(), persistent=False)
+        self.register_buffer("luma_w", torch.tensor(_LUMA).view(1, 3, 1, 1), persistent=False)
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[ViewParams, ViewParams]:
         """Student and teacher parameters for a batch of ``n``."""
@@ -366,8 +445,10 @@ class BatchTwoViewAugment(torch.nn.Module):
     def augment(self, x: torch.Tensor, p: ViewParams,
                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """One view: uint8 (B, 3, H, W) (any layout) -> normalised float32 (B, 3, H, W)."""
-        y = apply_view(x.float().div_(255.0), p, self.kernel_size)
-        return ((y - self.mean) / self.std).contiguous(memory_format=memory_format)
+        if len(p) != x.shape[0]:
+            raise ValueError(f"{len(p)} parameter sets for a batch of {x.shape[0]}")
+        y = run_plan(x * (1 / 255), plan_view(p, self.kernel_size), self.luma_w)
+        return torch.addcmul(self.shift, y, self.scale).contiguous(memory_format=memory_format)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, generator: torch.Generator,
                 memory_format: torch.memory_format = torch.contiguous_format,

@@ -4,9 +4,9 @@ Built on the two kernels ``SyncBatchNorm`` uses: ``torch.batch_norm_stats`` (fp3
 inverse std of a low-precision, contiguous or channels_last batch in one pass) and
 ``torch.batch_norm_elemt`` (one normalising pass that writes the input dtype). Per
 (view, group) slice of the batch: one statistics pass, one normalising pass; the momentum mix
-and the lazy running-statistics update are small (V, G, C) fp32 tensor ops. No fp32 copy of
-the activation is made, alpha stays a tensor (no host sync; under ``torch.compile`` a new
-alpha value is a new input value, not a new graph).
+and the lazy running-statistics update are a few small (2, V, G, C) fp32 tensor ops. No fp32
+copy of the activation is made, alpha stays a tensor (no host sync). Under ``torch.compile``
+the layer uses its composite math instead, which inductor fuses with the neighbouring ops.
 
 The kernels are injected (``stats_fn``/``elemt_fn``), so the whole function also runs on CPU
 with the stand-ins below: that is how the shared math is tested without a GPU.
@@ -56,12 +56,6 @@ def batch_norm_elemt_cpu(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 
 
 # ----------------------------------------------------------------------------- shared math
-def var_from_invstd(invstd: Tensor) -> Tensor:
-    """Biased variance from an inverse std computed with ``eps = 0`` (no cancellation:
-    ``1 / invstd**2``; a constant channel has ``invstd == 0`` and variance 0)."""
-    return torch.where(invstd > 0, invstd.reciprocal().square(), torch.zeros_like(invstd))
-
-
 def mix_statistics(mean_b: Tensor, var_b: Tensor, running_mean: Tensor, running_var: Tensor,
                    alpha: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Normalisation statistics of every (view, group) slice.
@@ -99,34 +93,50 @@ def _check(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor) -> 
     return x.shape[0] // slices
 
 
+# A tiny eps for the statistics pass: ``invstd ** -2`` is then the biased variance to fp32
+# precision (plus 1e-30), and a constant channel gives a finite invstd (variance ~1e-30)
+# instead of a 0 that would need its own case.
+STATS_EPS = 1e-30
+
+
 def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor,
                       running_var: Tensor, alpha: Tensor, weight: Optional[Tensor],
                       bias: Optional[Tensor], eps: float, stats_fn: StatsFn,
                       elemt_fn: ElemtFn) -> Tensor:
     """Momentum BN training forward with injected kernels (see the module docstring).
 
-    ``stats_fn(slice, 0.0) -> (mean, invstd)`` and ``elemt_fn(slice, weight, bias, mean,
+    ``stats_fn(slice, eps) -> (mean, invstd)`` and ``elemt_fn(slice, weight, bias, mean,
     invstd, eps, out=...)`` have the signatures of ``torch.batch_norm_stats`` /
     ``torch.batch_norm_elemt``. Not differentiable through ``x`` (the teacher runs under
     ``no_grad``); running statistics are updated in place.
+
+    Launches for K = V * G slices: K statistics passes, K normalising passes, and 8 small
+    ones: one concatenation of every (mean, invstd) with the running statistics, the
+    variance from invstd, the momentum mix (``lerp``), the lazy update (the mean over views
+    of the mixed statistics is exactly ``run + alpha * (mean_v(batch) - run)``), written back
+    with one ``_foreach_copy_``, ``+ eps`` and ``rsqrt``, and the output allocation.
     """
     n = _check(x, num_views, num_groups, running_mean)
     v, g, c = num_views, num_groups, x.shape[1]
-    parts = [x[i * n : (i + 1) * n] for i in range(v * g)]
-    stats = [stats_fn(p, 0.0) for p in parts]  # eps 0: the exact biased variance comes back
-    mean_b = torch.stack([m for m, _ in stats]).view(v, g, c)
-    var_b = var_from_invstd(torch.stack([s for _, s in stats])).view(v, g, c)
+    k = v * g
+    parts = [x[i * n : (i + 1) * n] for i in range(k)]
+    stats = [stats_fn(p, STATS_EPS) for p in parts]
     rm, rv = running_mean.view(g, c), running_var.view(g, c)
-    mean, invstd = mix_statistics(mean_b, var_b, rm, rv, alpha, eps)
-    mean, invstd = mean.view(v * g, c), invstd.view(v * g, c)
-    if torch.compiler.is_compiling():  # out= variants do not trace well; let the compiler fuse
-        y = torch.cat([elemt_fn(p, weight, bias, mean[i], invstd[i], eps)
-                       for i, p in enumerate(parts)])
-    else:
-        y = torch.empty_like(x)  # same memory format as x
-        for i, p in enumerate(parts):
-            elemt_fn(p, weight, bias, mean[i], invstd[i], eps, out=y[i * n : (i + 1) * n])
-    update_running_(running_mean, running_var, mean_b, var_b, alpha)
+    # (2, K + G, C): [mean | invstd] x [K slices, then the G running rows]
+    table = torch.cat([s[0][None] for s in stats] + [rm] + [s[1][None] for s in stats] + [rv])
+    table = table.view(2, k + g, c)
+    table[1, :k].pow_(-2)  # batch variance (+1e-30)
+    batch = table[:, :k].view(2, v, g, c)
+    mixed = torch.lerp(table[:, k:].view(2, 1, g, c), batch, alpha)  # (2, V, G, C)
+    new_run = mixed.mean(1)  # the lazy update
+    torch._foreach_copy_([rm, rv], [new_run[0], new_run[1]])
+    invstd = mixed[1].add_(eps).rsqrt_().view(k, c)
+    mean = mixed[0].view(k, c)
+    if k == 1:
+        return elemt_fn(x, weight, bias, mean[0], invstd[0], eps)
+    y = torch.empty_like(x)  # same memory format as x
+    for i, p in enumerate(parts):
+        elemt_fn(p, weight, bias, mean[i], invstd[i], eps, out=y[i * n : (i + 1) * n])
     return y
 
 
@@ -155,6 +165,19 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def fused_kernels_available(x: Tensor) -> bool:
+    """Whether ``x``'s device has ``batch_norm_stats`` and ``batch_norm_elemt`` kernels (CUDA
+    always; the CPU only when registered, as the tests do)."""
+    if x.is_cuda:
+        return True
+    key = x.device.type.upper()
+    return key == "CPU" and all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+                                for op in _FUSED_OPS)
+
+
+_FUSED_OPS = ("aten::batch_norm_stats", "aten::batch_norm_elemt", "aten::batch_norm_elemt.out")
+
+
 def _needs_grad(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
@@ -163,11 +186,12 @@ def _needs_grad(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> 
 def momentum_bn_train_fused(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor,
                             running_var: Tensor, alpha: Tensor, weight: Optional[Tensor],
                             bias: Optional[Tensor], eps: float) -> Tensor:
-    """Momentum BN training forward on CUDA: one ``batch_norm_stats`` and one
-    ``batch_norm_elemt`` pass per (view, group) slice, output in ``x.dtype``.
+    """Momentum BN training forward with the native kernels (CUDA): one ``batch_norm_stats``
+    and one ``batch_norm_elemt`` pass per (view, group) slice, output in ``x.dtype``.
 
     Args:
-        x: (B, C, *spatial) CUDA tensor (contiguous or channels_last), laid out
+        x: (B, C, *spatial) tensor (contiguous or channels_last) on a device with the two
+            kernels (:func:`fused_kernels_available`), laid out
             ``[view][group][sample]``, ``B = num_views * num_groups * n``.
         num_views, num_groups: V and G.
         running_mean, running_var: fp32, (G, C) (or (C,) when G == 1); updated in place.
@@ -179,10 +203,11 @@ def momentum_bn_train_fused(x: Tensor, num_views: int, num_groups: int, running_
         The normalised batch, same shape, dtype and memory format as ``x``.
 
     When a gradient is needed (``x``, ``weight`` or ``bias`` requires grad with grad mode
-    on; neither M2's teacher nor MoCo's key encoder does, both run under ``no_grad``), the
-    differentiable :func:`momentum_bn_train_plain` is used instead.
+    on; neither M2's teacher nor MoCo's key encoder does, both run under ``no_grad``) and under
+    ``torch.compile`` (inductor fuses the composite math; the two ops have no fake kernels),
+    the composite :func:`momentum_bn_train_plain` is used instead.
     """
-    if _needs_grad(x, weight, bias):
+    if _needs_grad(x, weight, bias) or torch.compiler.is_compiling():
         return momentum_bn_train_plain(x, num_views, num_groups, running_mean, running_var,
                                        alpha, weight, bias, eps)
     return momentum_bn_train(x, num_views, num_groups, running_mean, running_var, alpha, weight,

@@ -20,8 +20,10 @@ Semantics (the authors' behaviour without two of its defects, see docs/method.md
   group's running statistics (row ``g`` of the ``(G, C)`` buffers: what device ``g`` would
   hold) are updated lazily from the mean of that group's views. Eval mode uses group 0's
   (rank 0's) statistics. With ``G == 1`` the buffers keep shape ``(C,)``.
-* On CUDA the training forward uses the fused kernel of ``m2_pretrain.layers.fused_bn`` when
-  that module is present; this file's path is its fallback and test oracle.
+* In eager mode on CUDA (any device with the ``batch_norm_stats``/``batch_norm_elemt``
+  kernels) the training forward without gradient uses ``m2_pretrain.layers.fused_bn``. Under
+  ``torch.compile``, on the CPU and when a gradient is needed, it uses this file's composite
+  math, which inductor fuses with the neighbouring ops; it is also the fused path's oracle.
 """
 
 from __future__ import annotations
@@ -31,10 +33,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-try:  # fused CUDA forward (optional; same semantics, this file's path is its oracle)
-    from .fused_bn import momentum_bn_train_fused as _fused_forward
-except ImportError:  # pragma: no cover - depends on the branch / build
-    _fused_forward = None
+from .fused_bn import fused_kernels_available, momentum_bn_train
 
 
 class MomentumBatchNorm(nn.Module):
@@ -94,8 +93,15 @@ class MomentumBatchNorm(nn.Module):
 
     @torch.no_grad()
     def set_alpha(self, alpha: float | torch.Tensor) -> None:
-        """Set the current-batch weight in place (keeps the buffer, so no recompilation)."""
-        self.alpha.copy_(torch.as_tensor(alpha, dtype=self.alpha.dtype))
+        """Set the current-batch weight in place (keeps the buffer, so no recompilation).
+
+        A Python number is written with ``fill_`` (no host-to-device copy, no sync); a tensor
+        on the buffer's device is copied on the device.
+        """
+        if isinstance(alpha, torch.Tensor) and alpha.device == self.alpha.device:
+            self.alpha.copy_(alpha)
+        else:
+            self.alpha.fill_(float(alpha))
 
     def _scale_shift(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (…, C) scale and shift such that y = x * scale + shift."""
@@ -106,6 +112,12 @@ class MomentumBatchNorm(nn.Module):
         if self.bias is not None:
             shift = shift + self.bias.float()
         return scale, shift
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() or not fused_kernels_available(x):
+            return False
+        return not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
@@ -126,9 +138,10 @@ class MomentumBatchNorm(nn.Module):
                 f"MomentumBatchNorm: batch of {x.shape[0]} is not divisible into {v} views x "
                 f"{g} groups"
             )
-        if x.is_cuda and _fused_forward is not None:
-            y = _fused_forward(x, v, g, self.running_mean, self.running_var, self.alpha,
-                               self.weight, self.bias, self.eps)
+        if self._use_fused(x):
+            y = momentum_bn_train(x, v, g, self.running_mean, self.running_var, self.alpha,
+                                  self.weight, self.bias, self.eps, torch.batch_norm_stats,
+                                  torch.batch_norm_elemt)
             self.num_batches_tracked.add_(1)
             return y
         # (V, G, N, C, *spatial); a view, no copy
@@ -141,7 +154,7 @@ class MomentumBatchNorm(nn.Module):
         var = alpha * var_v + (1.0 - alpha) * run_var
         scale, shift = self._scale_shift(mean, var)  # (V, G, C)
         shape = (v, g, 1, c) + bcast
-        y = xf * scale.view(shape) + shift.view(shape)
+        y = torch.addcmul(shift.view(shape), xf, scale.view(shape))  # one pass
 
         # Lazy update after all views of this iteration have been normalised: each group from
         # the mean of its own views' statistics.

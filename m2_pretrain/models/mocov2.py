@@ -115,10 +115,10 @@ class MoCoV2(nn.Module):
         n, size = keys.shape[0], self.queue.shape[0]
         if n > size:
             raise ValueError(f"{n} keys per step exceed the queue size {size}")
-        ptr = int(self.queue_ptr)
-        idx = (torch.arange(n, device=keys.device) + ptr) % size
-        self.queue[idx] = keys
-        self.queue_ptr.fill_((ptr + n) % size)
+        # the pointer stays on the device: index arithmetic, no read to the host
+        idx = torch.arange(n, device=keys.device).add_(self.queue_ptr).remainder_(size)
+        self.queue.index_copy_(0, idx, keys)
+        self.queue_ptr.add_(n).remainder_(size)
 
     # ------------------------------------------------------------------ keys
     @torch.no_grad()

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# One GPU check (make gpu-check): the CUDA tests, then benchmarks/speed.py eager at
+# ResNet-50 224 px 128/view and ResNet-18 96 px 256/view, --real at both, --compile at
+# ResNet-18 (then ResNet-50 if time is left). Every step runs under `timeout`, the whole run
+# within --budget seconds (default 540); each step writes JSON (or a log) under the output
+# folder, and scripts/gpu_check_table.py prints one table against the targets.
+#
+#   bash scripts/gpu_check.sh [--python PY] [--out DIR] [--budget S] [--workers N] [--dry-run]
+#
+# Works with a Python that already has torch, torchvision and timm (no detectron2): the
+# project is installed with --no-deps and only missing modules are installed.
+set -u -o pipefail
+
+PY=python3
+OUT=""
+BUDGET=540
+WORKERS=""
+DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) PY="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    --workers) WORKERS="$2"; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu_check_$(date -u +%Y%m%d_%H%M%S)}"
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+  echo "gpu_check.sh: $OUT exists and is not empty; pass another --out" >&2; exit 2
+fi
+mkdir -p "$OUT"
+START=$(date +%s)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -z "$WORKERS" ]; then
+  WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
+fi
+
+# step NAME SECONDS CMD...: run CMD under timeout (capped by what is left of the budget),
+# log to $OUT/NAME.log, record "NAME rc seconds" in $OUT/steps.tsv.
+step() {
+  local name="$1" limit="$2"; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$DRY" = 1 ]; then
+    echo "[dry-run] $name (timeout ${limit}s): $*"
+    printf '%s\t%s\t%s\n' "$name" "dry-run" 0 >> "$OUT/steps.tsv"
+    return 0
+  fi
+  if [ "$limit" -lt 30 ]; then
+    echo "== $name: skipped, ${left}s of the budget left"
+    printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$OUT/steps.tsv"
+    return 0
+  fi
+  echo "== $name (timeout ${limit}s)"
+  local t0=$(date +%s) rc=0
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$OUT/steps.tsv"
+  [ "$rc" = 0 ] || { echo "   rc=$rc, last lines of $OUT/$name.log:"; tail -n 5 "$OUT/$name.log"; }
+}
+
+# --- environment: the project without its pinned dependencies, and only what is missing
+if [ "$DRY" = 0 ]; then
+  "$PY" -c "import torch, torchvision, timm; assert torch.cuda.is_available(), 'no CUDA device'" \
+    || { echo "gpu_check.sh: $PY needs torch, torchvision, timm and a CUDA device" >&2; exit 1; }
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+    || echo "   (pip install --no-deps -e . failed; using PYTHONPATH=$PWD)"
+  for pair in yaml:PyYAML tqdm:tqdm cv2:opencv-python-headless PIL:pillow pytest:pytest numpy:numpy; do
+    mod="${pair%%:*}"; pkg="${pair#*:}"
+    "$PY" -c "import $mod" 2>/dev/null || "$PY" -m pip install -q "$pkg" >> "$OUT/install.log" 2>&1 \
+      || echo "   could not install $pkg (module $mod); steps that need it will fail"
+  done
+  "$PY" - > "$OUT/device.json" <<'PYEOF'
+import json, torch
+print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "cuda": torch.version.cuda}))
+PYEOF
+fi
+
+SPEED=("$PY" benchmarks/speed.py --device cuda)
+R50=(--arch resnet50 --res 224 --batch 128)
+R18=(--arch resnet18 --res 96 --batch 256)
+step cuda_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_bn.py \
+  tests/test_no_sync.py tests/test_momentum_bn.py tests/test_batch_augment.py -k "cuda or sync"
+step eager_r50 120 "${SPEED[@]}" "${R50[@]}" --json "$OUT/eager_r50.json"
+step eager_r18 90 "${SPEED[@]}" "${R18[@]}" --json "$OUT/eager_r18.json"
+step real_r18 120 "${SPEED[@]}" "${R18[@]}" --real stl10 --real-steps 30 --workers "$WORKERS" \
+  --repeats 3 --json "$OUT/real_r18.json"
+step real_r50 150 "${SPEED[@]}" "${R50[@]}" --real imagefolder --real-steps 20 --workers "$WORKERS" \
+  --repeats 3 --json "$OUT/real_r50.json"
+step compile_r18 150 "${SPEED[@]}" "${R18[@]}" --compile --repeats 3 --json "$OUT/compile_r18.json"
+step compile_r50 150 "${SPEED[@]}" "${R50[@]}" --compile --repeats 3 --json "$OUT/compile_r50.json"
+
+"$PY" scripts/gpu_check_table.py "$OUT" | tee "$OUT/table.md"
+echo "results in $OUT ($(( $(date +%s) - START ))s)"
