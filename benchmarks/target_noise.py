@@ -92,7 +92,7 @@ from m2_pretrain.models.schedules import momentum_bn_alpha  # noqa: E402
 
 METRICS = ("z_noise", "z_relvar", "h_noise", "h_relvar", "loss_floor")
 BUDGETS = {
-    # 8.2 CPU-min with one compute thread and one loader worker (benchmarks/target_noise.md)
+    # 8.2 CPU-min with one compute thread and one loader worker (benchmarks/README.md)
     "cpu": dict(arch="test_resnet", res=32, steps=100, noise_every=10, snapshots=[0, 50, 100],
                 pool=4096, probes=128, batches_per_draw=2, draws=3, seeds=3, workers=1,
                 warmup_steps=8, device="cpu", alphas=[0.5, 0.1, 0.01]),
