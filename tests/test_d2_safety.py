@@ -66,6 +66,16 @@ def _args(*opts, config=DEMO_CONFIG, register=(), eval_only=False):
     return train_net.parse_args(argv + list(opts))
 
 
+
+def _bare_trainer(model, weights):
+    """A training ``Trainer`` with only what ``resume_or_load`` reads: Detectron2's own
+    checkpointer on ``model`` and ``MODEL.WEIGHTS = weights``."""
+    trainer = object.__new__(Trainer)
+    trainer.checkpointer = DetectionCheckpointer(model)
+    trainer.cfg = get_cfg()
+    trainer.cfg.MODEL.WEIGHTS = str(weights)
+    return trainer
+
 def test_evil_pickle_is_refused_by_every_loader(tmp_path):
     evil, marker = _evil_pkl(tmp_path)
     with pytest.raises(UnsafePickleError, match="evil.pkl: refusing to unpickle posix.system"):
@@ -75,10 +85,7 @@ def test_evil_pickle_is_refused_by_every_loader(tmp_path):
     with restricted_pickle_loading(), pytest.raises(UnsafePickleError, match="evil.pkl"):
         DetectionCheckpointer(model).load(str(evil))
     # the training Trainer (and the demo, which uses it): resume_or_load
-    trainer = object.__new__(Trainer)
-    trainer.checkpointer = DetectionCheckpointer(model)
-    trainer.cfg = get_cfg()
-    trainer.cfg.MODEL.WEIGHTS = str(evil)
+    trainer = _bare_trainer(model, evil)
     with pytest.raises(UnsafePickleError, match="evil.pkl"):
         trainer.resume_or_load(resume=False)
     # the parent-side check before launch
@@ -266,10 +273,7 @@ def test_pth_weights_are_restricted_even_when_torch_is_told_otherwise(tmp_path, 
     with pytest.raises(UnsafePickleError, match="evil.pyth: refused"):
         RestrictedCheckpointer(model).load(str(pyth))
     # the training Trainer switches Detectron2's own checkpointer to the restricted one
-    trainer = object.__new__(Trainer)
-    trainer.checkpointer = DetectionCheckpointer(model)
-    trainer.cfg = get_cfg()
-    trainer.cfg.MODEL.WEIGHTS = str(evil)
+    trainer = _bare_trainer(model, evil)
     with pytest.raises(UnsafePickleError, match="evil.pth: refused"):
         trainer.resume_or_load(resume=False)
     with pytest.raises(SetupError) as e:  # the parent-side check before launch

@@ -45,6 +45,16 @@ def _inputs(V, G, n, C, spatial, k, dtype=torch.float32, channels_last=False):
     return x
 
 
+def _fresh_state(G, C):
+    """Affine weights, the layer's running statistics (fp32, (C,) or (G, C)), the oracle's fp64
+    ones and an α buffer at 1."""
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm = torch.zeros(G, C) if G > 1 else torch.zeros(C)
+    rv = torch.ones_like(rm)
+    rm_ref, rv_ref = torch.zeros(G, C, dtype=torch.float64), torch.ones(G, C, dtype=torch.float64)
+    return w, b, rm, rv, rm_ref, rv_ref, torch.tensor(1.0)
+
+
 def _run_shared(x, V, G, rm, rv, alpha, w, b):
     return FB.momentum_bn_train(x, V, G, rm, rv, alpha, w, b, 1e-5,
                                 FB.batch_norm_stats_cpu, FB.batch_norm_elemt_cpu)
@@ -59,11 +69,7 @@ def _run_shared(x, V, G, rm, rv, alpha, w, b):
 ])
 def test_shared_math_equals_plain_over_iterations(V, G, spatial, dtype, channels_last):
     C, n, eps = 5, 3, 1e-5
-    w, b = torch.rand(C) + 0.5, torch.randn(C)
-    rm = torch.zeros(G, C) if G > 1 else torch.zeros(C)
-    rv = torch.ones_like(rm)
-    rm_ref, rv_ref = torch.zeros(G, C, dtype=torch.float64), torch.ones(G, C, dtype=torch.float64)
-    alpha = torch.tensor(1.0)
+    w, b, rm, rv, rm_ref, rv_ref, alpha = _fresh_state(G, C)
     for k, a in enumerate(ALPHAS):
         alpha.fill_(a)  # in place, as the layer's buffer
         x = _inputs(V, G, n, C, spatial, k, dtype, channels_last)
@@ -243,11 +249,7 @@ def test_registered_kernels_hold_the_cuda_contract(kernels):
 ])
 def test_fused_entry_with_real_ops_equals_plain(kernels, V, G, spatial, dtype, channels_last):
     C, n, eps = 5, 3, 1e-5
-    w, b = torch.rand(C) + 0.5, torch.randn(C)
-    rm = torch.zeros(G, C) if G > 1 else torch.zeros(C)
-    rv = torch.ones_like(rm)
-    rm_ref, rv_ref = torch.zeros(G, C, dtype=torch.float64), torch.ones(G, C, dtype=torch.float64)
-    alpha = torch.tensor(1.0)
+    w, b, rm, rv, rm_ref, rv_ref, alpha = _fresh_state(G, C)
     for k, a in enumerate(ALPHAS):
         alpha.fill_(a)
         x = _inputs(V, G, n, C, spatial, k, dtype, channels_last)
