@@ -60,8 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m2_pretrain.config import load_config  # noqa: E402
 from m2_pretrain.data.augment import Normalizer, eval_transform  # noqa: E402
 from m2_pretrain.data.datasets import FASHION_MNIST_DEFAULT_ROOT, build_dataset  # noqa: E402
-from m2_pretrain.engine.checkpoint import list_checkpoints  # noqa: E402
-from m2_pretrain.engine.trainer import Trainer, encoder_kwargs  # noqa: E402
+from m2_pretrain.checkpoint import list_checkpoints  # noqa: E402
+from m2_pretrain.config import encoder_kwargs  # noqa: E402
+from m2_pretrain.engine.hooks import PeriodicHook  # noqa: E402
+from m2_pretrain.engine.trainer import Trainer  # noqa: E402
 from m2_pretrain.eval.common import load_encoder  # noqa: E402
 from m2_pretrain.eval.knn import knn_accuracy  # noqa: E402
 from m2_pretrain.eval.protocols import recount_bn_statistics  # noqa: E402
@@ -186,24 +188,24 @@ def recount(args, encoder: nn.Module, device) -> int:
 
 
 # ----------------------------------------------------------------------------- one run
-class MonitoredTrainer(Trainer):
-    """Trainer whose kNN monitor scores the teacher on the benchmark's cached subsets."""
+def knn_curve_hook(args, curve: list) -> PeriodicHook:
+    """Trainer hook: every ``--monitor-every`` steps, the teacher's kNN top-1 on the benchmark's
+    cached subsets, appended to ``curve`` as ``(step, top1)``."""
 
-    bench_args = None
-
-    def knn_eval(self, which: str = "teacher") -> dict[str, float]:
-        enc = getattr(self.model, which).encoder
+    def knn(trainer) -> dict[str, float]:
+        enc = trainer.model.teacher.encoder
         was = enc.training
-        a = self.bench_args
-        norm = Normalizer([0.286] * 3, [0.353] * 3).to(self.device)
-        xtr, ltr = eval_tensors(a, "train", a.monitor_train)
-        xte, lte = eval_tensors(a, "test", a.monitor_test)
-        ftr = F.normalize(features(enc, xtr, norm, self.device), dim=1)
-        fte = F.normalize(features(enc, xte, norm, self.device), dim=1)
+        norm = Normalizer([0.286] * 3, [0.353] * 3).to(trainer.device)
+        xtr, ltr = eval_tensors(args, "train", args.monitor_train)
+        xte, lte = eval_tensors(args, "test", args.monitor_test)
+        ftr = F.normalize(features(enc, xtr, norm, trainer.device), dim=1)
+        fte = F.normalize(features(enc, xte, norm, trainer.device), dim=1)
         enc.train(was)
         out = knn_accuracy(ftr, ltr, fte, lte, 10, 200, 0.1)
-        self.curve.append((self.step, out["top1"]))
-        return out
+        curve.append((trainer.step, out["top1"]))
+        return {"top1": out["top1"], "top5": out["top5"]}
+
+    return PeriodicHook("knn", args.monitor_every, knn)
 
 
 def init_overrides(args) -> list[str]:
@@ -225,7 +227,6 @@ def arm_config(args, arm: str, seed: int):
         f"data.crop_scale_min={args.crop_min}",
         "data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]",
         "data.knn_train_split=train", "data.knn_test_split=test",
-        f"knn.every_epochs={args.monitor_every / steps_per_epoch}",
         f"optim.base_lr={args.lr}", "optim.lr_reference_batch=256", "optim.weight_decay=1e-4",
         f"optim.warmup_epochs={args.warmup_steps / steps_per_epoch}",
         f"train.max_steps={args.steps}", f"train.batch_size={batch}",
@@ -251,15 +252,14 @@ def run_arm(args, arm: str, seed: int) -> dict:
         cfg = arm_config(args, arm, seed)
         work = Path(args.work) / f"{arm.replace('/', '-')}_s{seed}"
         shutil.rmtree(work, ignore_errors=True)  # the benchmark's own scratch: train afresh
-        MonitoredTrainer.bench_args = args
-        trainer = MonitoredTrainer(cfg, work, progress=args.progress)
-        trainer.curve = []
+        curve: list = []
+        trainer = Trainer(cfg, work, progress=args.progress, hooks=[knn_curve_hook(args, curve)])
         result = trainer.fit()
         ckpt = list_checkpoints(work)[-1]
         meta = export_encoder(ckpt, work / "teacher.pth")  # group 0's statistics
         enc, _ = load_encoder(work / "teacher.pth")  # stock timm model, strict load
         enc = enc.to(device)
-        row.update(curve=trainer.curve, final_loss=result["history"][-1]["loss"],
+        row.update(curve=curve, final_loss=result["history"][-1]["loss"],
                    epochs=args.steps * args.global_batch / 60000,
                    bn_statistics=meta.get("bn_statistics", "single device"))
     row["exported"] = score(args, enc, device)

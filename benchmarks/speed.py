@@ -317,7 +317,7 @@ def bench_pipeline(args) -> dict:
             import tempfile
 
             from m2_pretrain.data.datasets import STL10Binary
-            from m2_pretrain.engine.trainer import SeededSample
+            from m2_pretrain.data.sampling import SeededSample
 
             tmpdir = tempfile.TemporaryDirectory(prefix="m2_speed_stl10_")
             write_stl10_layout(Path(tmpdir.name), 256)
@@ -413,7 +413,7 @@ def bench_real(args, kind: str, tmp: Path) -> dict:
     arms = bench_steps(args, arms=["m2", "m2_augment"])["arms"]
     step, step_aug = arms["m2"]["images_per_s"], arms["m2_augment"]["images_per_s"]
     return {"dataset": kind, "images": args.real_images, "workers": args.workers,
-            "augment_device": trainer.augment_mode, "steps_timed": steps[-1] - steps[0],
+            "augment_device": trainer.feed.augment_mode, "steps_timed": steps[-1] - steps[0],
             "images_per_s": ips, "data_wait_share": wait,
             "m2_step_images_per_s": step, "fraction_of_m2_step_rate": ips / step,
             "m2_augment_images_per_s": step_aug, "fraction_of_m2_augment_rate": ips / step_aug}

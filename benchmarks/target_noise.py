@@ -78,13 +78,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from m2_pretrain.config import Config, load_config  # noqa: E402
 from m2_pretrain.data.augment import Normalizer  # noqa: E402
 from m2_pretrain.data.datasets import FASHION_MNIST_DEFAULT_ROOT, build_dataset  # noqa: E402
-from m2_pretrain.engine.trainer import (  # noqa: E402
-    SeededSample,
-    Trainer,
-    build_augmentation,
-    build_model,
-    collate_pairs,
-)
+from m2_pretrain.data.sampling import SeededSample, collate_pairs  # noqa: E402
+from m2_pretrain.engine.trainer import Trainer  # noqa: E402
+from m2_pretrain.models.build import build_augmentation, build_model  # noqa: E402
 from m2_pretrain.eval.protocols import recount_bn_statistics  # noqa: E402
 from m2_pretrain.layers import apply_norm  # noqa: E402
 from m2_pretrain.models import M2Teacher  # noqa: E402

@@ -21,7 +21,7 @@ import logging
 import re
 from pathlib import Path
 
-from m2_pretrain.engine.checkpoint import CheckpointError
+from m2_pretrain.checkpoint import CheckpointError
 from m2_pretrain.export import meta_path
 
 logger = logging.getLogger("m2_detectron2")
@@ -151,6 +151,19 @@ def check_config(cfg, resume: bool = False, eval_only: bool = False) -> None:
     """
     check_weights(cfg, resume=resume)
     check_num_classes(cfg, eval_only=eval_only)
+
+
+def check_timm_backbone(cfg) -> None:
+    """``MODEL.TIMM.*`` values that would otherwise fail only when the model is built."""
+    import timm
+
+    from .modeling.timm_backbone import NORMS
+
+    if cfg.MODEL.TIMM.NORM not in NORMS:
+        raise SetupError(f"MODEL.TIMM.NORM must be one of {NORMS}, got {cfg.MODEL.TIMM.NORM!r}")
+    if not timm.is_model(cfg.MODEL.TIMM.ARCH.split(".")[0]):
+        raise SetupError(f"MODEL.TIMM.ARCH names no timm model: {cfg.MODEL.TIMM.ARCH!r} "
+                         "(see timm.list_models())")
 
 
 def check_dataset_files(cfg, eval_only: bool = False) -> None:

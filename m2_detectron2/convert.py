@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from m2_pretrain.engine.checkpoint import CKPT_RE, safe_load
+from m2_pretrain.checkpoint import CKPT_RE, safe_load
 from m2_pretrain.export import (
     encoder_state_from_checkpoint, is_training_checkpoint, load_exported_encoder)
 

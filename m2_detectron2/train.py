@@ -17,7 +17,13 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from .checkpoint import RestrictedCheckpointer
-from .checks import SetupError, check_config, check_dataset_files, check_weights_fit
+from .checks import (
+    SetupError,
+    check_config,
+    check_dataset_files,
+    check_timm_backbone,
+    check_weights_fit,
+)
 from .config import add_m2_config
 from .data import DatasetSpecError, register_coco_spec, register_embedded
 from .evaluation import build_evaluator
@@ -112,22 +118,9 @@ def validate_setup(args) -> None:
         text = str(e).strip().strip("'\"")
         raise SetupError(text.splitlines()[0] if text else type(e).__name__) from None
     if cfg.MODEL.BACKBONE.NAME.startswith("build_timm"):
-        _check_timm_setup(cfg)
+        check_timm_backbone(cfg)
     check_dataset_files(cfg, eval_only=eval_only)
     check_weights_fit(cfg, eval_only=eval_only, resume=resume)
-
-
-def _check_timm_setup(cfg) -> None:
-    """``MODEL.TIMM.*`` values that would otherwise fail only when the model is built."""
-    import timm
-
-    from .modeling.timm_backbone import _NORMS
-
-    if cfg.MODEL.TIMM.NORM not in _NORMS:
-        raise SetupError(f"MODEL.TIMM.NORM must be one of {_NORMS}, got {cfg.MODEL.TIMM.NORM!r}")
-    if not timm.is_model(cfg.MODEL.TIMM.ARCH.split(".")[0]):
-        raise SetupError(f"MODEL.TIMM.ARCH names no timm model: {cfg.MODEL.TIMM.ARCH!r} "
-                         "(see timm.list_models())")
 
 
 def write_results(cfg, results) -> None:

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from .config import ConfigError, load_config
-from .engine.checkpoint import CheckpointError
+from .checkpoint import CheckpointError
 from .engine.run_dir import RunDirError
 from .eval.common import EvalInputError
 from .export import DEFAULT_OUT
@@ -15,11 +15,13 @@ from .export import DEFAULT_OUT
 
 def _train(args) -> int:
     from .engine.trainer import NonFiniteLossError, Trainer
+    from .eval.knn import knn_monitor
 
     cfg = load_config(args.config, args.overrides)
     out = args.output_dir or "output/pretrain"
     trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress,
                       allow_config_changes=args.resume_allow_changes)
+    trainer.register_hooks(knn_monitor(trainer))
     try:
         result = trainer.fit()
     except NonFiniteLossError as e:
@@ -42,7 +44,7 @@ def _export(args) -> int:
 def _evaluate(args) -> int:
     import torch
 
-    from .engine.trainer import resolve_device
+    from .engine.distributed import resolve_device
     from .eval import protocols
     from .eval.common import load_encoder, read_split_file, write_results
     from .models.encoder import check_encoder_input

@@ -6,16 +6,48 @@ An unknown key or a value of the wrong type is a ``ConfigError`` that names the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Mapping, Optional, TypeVar
 
 import yaml
 
 
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key."""
+
+
+def choose(key: str, name: str, table: Mapping[str, T]) -> T:
+    """``table[name]``; a ``ConfigError`` naming ``key`` and the valid names otherwise. Each
+    choice is a table in the module that builds it (methods, datasets, norms, optimizers)."""
+    if name not in table:
+        raise ConfigError(f"config key '{key}' must be one of {tuple(table)}, got {name!r}")
+    return table[name]
+
+
+@dataclass
+class MoCoConfig:
+    """MoCo v2 (``model.method: mocov2``)."""
+
+    dim: int = 128  # head output
+    hidden: int = 2048  # head hidden width
+    queue: int = 65536  # negatives kept
+    temperature: float = 0.2
+    key_norm: str = "shuffle_bn"  # shuffle_bn | momentum | bn
+    key_alpha: float = 0.064  # fixed Momentum BN alpha of the key encoder
+    shuffle_splits: int = 2  # single-process shuffle BN sub-batches
+
+
+# flat ``model`` keys of older configs -> their key in ``model.moco``
+MOCO_RENAMED = {"moco_dim": "dim", "moco_hidden": "hidden", "moco_queue": "queue",
+                "moco_temperature": "temperature", "key_norm": "key_norm",
+                "key_alpha": "key_alpha", "shuffle_splits": "shuffle_splits"}
 
 
 @dataclass
@@ -34,14 +66,7 @@ class ModelConfig:
     # which the paper and the authors' code use, starts it at 1. None keeps timm's default (the
     # argument is only passed when set; only timm's ResNet family accepts it).
     zero_init_last: Optional[bool] = None
-    # MoCo v2 (method: mocov2)
-    moco_dim: int = 128
-    moco_hidden: int = 2048
-    moco_queue: int = 65536
-    moco_temperature: float = 0.2
-    key_norm: str = "shuffle_bn"  # shuffle_bn | momentum | bn
-    key_alpha: float = 0.064  # fixed Momentum BN alpha of the key encoder
-    shuffle_splits: int = 2  # single-process shuffle BN sub-batches
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
 
 
 @dataclass
@@ -52,22 +77,22 @@ class DataConfig:
     res: int = 32  # crop size
     num_images: int = 2000  # embedded dataset size
     num_classes: int = 10  # embedded dataset classes
-    embedded_palette: str = "colour"  # embedded dataset: "colour" (6 colours) or "two_tone"
+    embedded_palette: Literal["colour", "two_tone"] = "colour"  # 6 colours, or two tones
     workers: int = 2
     pin_memory: bool = True
     skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
-    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     crop_scale_min: float = 0.08
     # Gaussian blur sigma range in pixels (BYOL's, for 224 px crops; both methods) and the
     # teacher view's solarisation probability (m2 only: the student view's is 0, and MoCo v2's
     # pipeline has no solarisation)
-    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     solarize_p: float = 0.2
     # where the two-view colour augmentation runs: cpu (per image, PIL, in the loader workers),
     # cuda (batched on the training device; workers only decode, crop and flip), auto (cuda
     # when training on CUDA)
-    augment_device: str = "auto"
+    augment_device: Literal["auto", "cpu", "cuda"] = "auto"
     # knn monitor / evaluation splits (labelled); empty disables
     knn_train_split: str = ""
     knn_test_split: str = ""
@@ -99,7 +124,7 @@ class TrainConfig:
     m_base_reference_batch: int = 0
     m_schedule: str = "cosine"  # cosine: 1 - m decays to 0; constant: m = 1 - m_base (MoCo)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA (fp32 on CPU unless amp_cpu)
     # bf16 autocast on CPU too (opt-in; needs amp): about 1.5x per step on CPUs with bf16
     # matrix units (AVX512-BF16 / AMX), and it can be slower on CPUs without them
@@ -182,10 +207,22 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(typ)
+        if value in allowed:
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {allowed}, got {value!r}")
     if typ is list or origin is list:
-        if isinstance(value, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        item = (typing.get_args(typ) or (None,))[0]
+        if item is None:
             return list(value)
-        raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        try:
+            return [_coerce(key, v, item) for v in value]
+        except ConfigError:
+            raise ConfigError(f"config key '{key}' expects a list of {item.__name__} values, got "
+                              f"{value!r}") from None
     return value
 
 
@@ -194,6 +231,8 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
+    if isinstance(obj, ModelConfig):
+        updates = _moved_moco_keys(updates, prefix)
     for k, v in updates.items():
         key = prefix + str(k)
         if k not in fields:
@@ -205,6 +244,21 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             _merge(cur, v, key + ".")
         else:
             setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def _moved_moco_keys(updates: dict, prefix: str) -> dict:
+    """Older configs' flat MoCo keys (``model.moco_dim``...) moved into ``model.moco``."""
+    old = [k for k in updates if k in MOCO_RENAMED]
+    if not old:
+        return updates
+    logger.warning("deprecated config key%s %s: use %s", "s" if len(old) > 1 else "",
+                   ", ".join(prefix + k for k in old),
+                   ", ".join(f"{prefix}moco.{MOCO_RENAMED[k]}" for k in old))
+    moved = {k: v for k, v in updates.items() if k not in MOCO_RENAMED}
+    section = dict(moved.get("moco") or {})
+    section.update({MOCO_RENAMED[k]: updates[k] for k in old})
+    moved["moco"] = section
+    return moved
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -283,9 +337,9 @@ def _check_ranges(cfg: Config) -> None:
         "checkpoint.every_steps": (cfg.checkpoint.every_steps, 1),
         "optim.lr_reference_batch": (o.lr_reference_batch, 1),
         "model.proj_hidden": (m.proj_hidden, 1), "model.proj_out": (m.proj_out, 1),
-        "model.pred_hidden": (m.pred_hidden, 1), "model.moco_dim": (m.moco_dim, 1),
-        "model.moco_hidden": (m.moco_hidden, 1), "model.moco_queue": (m.moco_queue, 1),
-        "model.shuffle_splits": (m.shuffle_splits, 1),
+        "model.pred_hidden": (m.pred_hidden, 1), "model.moco.dim": (m.moco.dim, 1),
+        "model.moco.hidden": (m.moco.hidden, 1), "model.moco.queue": (m.moco.queue, 1),
+        "model.moco.shuffle_splits": (m.moco.shuffle_splits, 1),
         "knn.k": (k.k, 1), "knn.max_train": (k.max_train, 1),
         "eval.res": (e.res, 0), "eval.batch_size": (e.batch_size, 1),
         "eval.semi_batch_size": (e.semi_batch_size, 1),
@@ -298,7 +352,7 @@ def _check_ranges(cfg: Config) -> None:
         if not val >= low:  # also refuses NaN
             raise ConfigError(f"config key '{key}' must be >= {low}, got {val}")
     positive = {"optim.base_lr": o.base_lr, "knn.temperature": k.temperature,
-                "model.moco_temperature": m.moco_temperature, "eval.linear_lr": e.linear_lr,
+                "model.moco.temperature": m.moco.temperature, "eval.linear_lr": e.linear_lr,
                 "eval.semi_lr": e.semi_lr}
     for key, val in positive.items():
         if not val > 0:
@@ -309,7 +363,7 @@ def _check_ranges(cfg: Config) -> None:
             "data.solarize_p": (d.solarize_p, "[0, 1]", 0 <= d.solarize_p <= 1),
             "train.m_base": (t.m_base, "[0, 1]", 0 <= t.m_base <= 1),
             "model.alpha_base": (m.alpha_base, "[0, 1]", 0 <= m.alpha_base <= 1),
-            "model.key_alpha": (m.key_alpha, "[0, 1]", 0 <= m.key_alpha <= 1)}
+            "model.moco.key_alpha": (m.moco.key_alpha, "[0, 1]", 0 <= m.moco.key_alpha <= 1)}
     for key, (val, text, ok) in unit.items():
         if not ok:
             raise ConfigError(f"config key '{key}' must be in {text}, got {val}")
@@ -334,33 +388,31 @@ def _check_batch_norm_batches(cfg: Config) -> None:
     if t.batch_size < 2:
         raise ConfigError(f"config key 'train.batch_size' must be at least 2 per view (batch norm "
                           f"needs 2 images per batch), got {t.batch_size}")
-    if m.method == "mocov2" and m.key_norm == "shuffle_bn" and t.batch_size // m.shuffle_splits < 2:
+    k = m.moco
+    if m.method == "mocov2" and k.key_norm == "shuffle_bn" and t.batch_size // k.shuffle_splits < 2:
         raise ConfigError(
-            f"config key 'train.batch_size' ({t.batch_size}) split into model.shuffle_splits "
-            f"({m.shuffle_splits}) shuffle-BN sub-batches leaves fewer than 2 images in one; "
-            "raise the batch size or lower model.shuffle_splits")
+            f"config key 'train.batch_size' ({t.batch_size}) split into model.moco.shuffle_splits "
+            f"({k.shuffle_splits}) shuffle-BN sub-batches leaves fewer than 2 images in one; "
+            "raise the batch size or lower model.moco.shuffle_splits")
 
 
 def validate(cfg: Config) -> None:
     """Check every value that can be checked without data or a device; ``ConfigError`` names
     the first key that is wrong."""
+    # the names come from the modules that build them (same floor or below)
+    from .data.datasets import DATASETS
     from .layers.norms import KEY_NORMS, STUDENT_NORMS, TEACHER_NORMS
+    from .models.build import METHODS
+    from .models.schedules import EMA_SCHEDULES
 
-    choices = {
-        "model.method": (cfg.model.method, ("m2", "mocov2")),
-        "model.key_norm": (cfg.model.key_norm, KEY_NORMS),
-        "train.m_schedule": (cfg.train.m_schedule, ("cosine", "constant")),
-        "model.teacher_norm": (cfg.model.teacher_norm, TEACHER_NORMS),
-        "model.student_norm": (cfg.model.student_norm, STUDENT_NORMS),
-        "data.dataset": (cfg.data.dataset, ("embedded", "imagefolder", "stl10", "fashion_mnist")),
-        "data.embedded_palette": (cfg.data.embedded_palette, ("colour", "two_tone")),
-        "optim.name": (cfg.optim.name, ("sgd", "lars")),
-        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-        "data.augment_device": (cfg.data.augment_device, ("auto", "cpu", "cuda")),
-    }
-    for key, (val, allowed) in choices.items():
-        if val not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {val!r}")
+    m = cfg.model
+    for key, name, table in (("model.method", m.method, METHODS),
+                             ("model.moco.key_norm", m.moco.key_norm, KEY_NORMS),
+                             ("model.teacher_norm", m.teacher_norm, TEACHER_NORMS),
+                             ("model.student_norm", m.student_norm, STUDENT_NORMS),
+                             ("train.m_schedule", cfg.train.m_schedule, EMA_SCHEDULES),
+                             ("data.dataset", cfg.data.dataset, DATASETS)):
+        choose(key, name, dict.fromkeys(table))
     _check_ranges(cfg)
     _check_batch_norm_batches(cfg)
     bs = cfg.data.blur_sigma
@@ -394,10 +446,8 @@ def check_encoder(cfg: Config, res: Optional[int] = None, res_key: str = "data.r
     from .models.encoder import check_encoder_input
 
     arch, res = cfg.model.arch, res or cfg.data.res
-    z = cfg.model.zero_init_last
-    kwargs = {} if z is None else {"zero_init_last": z}
     try:
-        check_encoder_input(arch, res, **kwargs)
+        check_encoder_input(arch, res, **encoder_kwargs(cfg))
     except TypeError as e:
         if "zero_init_last" in str(e):
             raise ConfigError(f"config key 'model.zero_init_last' is not an argument of timm "
@@ -407,6 +457,18 @@ def check_encoder(cfg: Config, res: Optional[int] = None, res_key: str = "data.r
     except Exception as e:  # noqa: BLE001 - whatever the model says about the input
         raise ConfigError(f"config key '{res_key}' ({res}) does not fit timm '{arch}': "
                           f"{_first_line(e)}") from None
+
+
+def encoder_kwargs(cfg: Config) -> dict:
+    """``timm.create_model`` arguments from ``cfg.model`` (``zero_init_last`` when set)."""
+    z = cfg.model.zero_init_last
+    return {} if z is None else {"zero_init_last": z}
+
+
+def bn_groups(cfg: Config) -> int:
+    """Virtual devices per view batch (``train.batch_size / train.bn_group_size``, or 1)."""
+    g = cfg.train.bn_group_size
+    return cfg.train.batch_size // g if g > 0 else 1
 
 
 def _first_line(e: BaseException) -> str:

@@ -18,12 +18,12 @@ from pathlib import Path
 import timm
 import torch
 
-from .config import load_config
-from .engine.checkpoint import list_checkpoints
+from .config import encoder_kwargs, load_config
+from .checkpoint import list_checkpoints
 from .engine.run_dir import RunDirError
-from .engine.trainer import Trainer, encoder_kwargs
+from .engine.trainer import Trainer
 from .models.encoder import create_encoder
-from .eval.knn import knn_eval_encoder
+from .eval.knn import knn_eval_encoder, knn_monitor
 from .export import export_encoder, load_exported_encoder
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "embedded_cpu.yaml"
@@ -43,6 +43,7 @@ def run(config: str | Path, output_dir: str | Path, overrides: list[str]) -> dic
     out = Path(output_dir)
     t0 = time.time()
     trainer = Trainer(cfg, out / "pretrain")
+    trainer.register_hooks(knn_monitor(trainer))
     result = trainer.fit()
     t_train = time.time() - t0
     if result["status"] != "completed":  # SIGTERM / Ctrl-C: the checkpoint is kept, stop here

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from .engine.checkpoint import (
+from .checkpoint import (
     CKPT_RE,
     CheckpointError,
     atomic_write,
@@ -37,7 +37,10 @@ _PER_GROUP_STATS = ("running_mean", "running_var")
 
 def default_branch(ckpt: dict) -> str:
     """The branch to export by default: M2's teacher (as the paper does), MoCo's query encoder."""
-    return "student" if ckpt.get("meta", {}).get("method") == "mocov2" else "teacher"
+    from .models.build import METHODS
+
+    method = METHODS.get(ckpt.get("meta", {}).get("method", "m2"))
+    return method.export_branch if method is not None else "teacher"
 
 
 def encoder_state_from_checkpoint(ckpt: dict, which: str | None = None) -> dict[str, torch.Tensor]:

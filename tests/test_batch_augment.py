@@ -12,8 +12,9 @@ from PIL import Image
 from m2_pretrain.data import batch_augment as BA
 from m2_pretrain.data.augment import STUDENT_VIEW, TEACHER_VIEW, ViewAugConfig
 from m2_pretrain.data.embedded import render_sample
-from m2_pretrain.engine.checkpoint import list_checkpoints, safe_load
-from m2_pretrain.engine.trainer import Trainer, build_augmentation
+from m2_pretrain.checkpoint import list_checkpoints, safe_load
+from m2_pretrain.engine.trainer import Trainer
+from m2_pretrain.models.build import build_augmentation
 
 from helpers import sigterm_during_step, tiny_config
 
@@ -175,7 +176,7 @@ def test_resume_exact_with_device_augmentation(tmp_path, monkeypatch):
     cfg = tiny_config(train={"max_steps": 3}, data={"augment_device": "cuda"},
                       model={"arch": "resnet10t"})
     full = Trainer(cfg, tmp_path / "full", progress=False)
-    assert full.batch_aug is not None  # the batched pipeline, here on the CPU
+    assert full.feed.batch_aug is not None  # the batched pipeline, here on the CPU
     full_result = full.fit()
     t = Trainer(cfg, tmp_path / "part", progress=False)
     sigterm_during_step(t, monkeypatch, 1)  # the 2nd optimizer step is running

@@ -52,7 +52,7 @@ def test_shipped_configs_load(path):
 
 
 def test_augmentation_knobs_reach_both_views():
-    from m2_pretrain.engine.trainer import build_augmentation
+    from m2_pretrain.models.build import build_augmentation
 
     cfg = load_config(None, ["data.res=48", "data.blur_sigma=[0.1,0.43]", "data.solarize_p=0"])
     aug = build_augmentation(cfg)
@@ -77,7 +77,7 @@ def test_zero_init_last_reaches_the_encoder(method):
     False is torchvision's (1), which the paper's ResNets use."""
     import torch
 
-    from m2_pretrain.engine.trainer import build_model
+    from m2_pretrain.models.build import build_model
 
     def last_bn_weights(cfg):
         torch.manual_seed(0)
@@ -102,7 +102,7 @@ def test_every_pretraining_config_starts_from_the_papers_init():
 
     import torch
 
-    from m2_pretrain.engine.trainer import encoder_kwargs
+    from m2_pretrain.config import encoder_kwargs
     from m2_pretrain.models.encoder import create_encoder
 
     @functools.lru_cache(maxsize=None)
@@ -157,3 +157,36 @@ def test_shuffle_bn_sub_batches_need_two_images():
     assert load_config(None, base + ["train.batch_size=4"]).train.batch_size == 4
     with pytest.raises(ConfigError, match="leaves fewer than 2 images"):
         load_config(None, base + ["train.batch_size=3"])
+
+
+def test_moco_keys_live_in_their_section_and_old_flat_keys_still_load(caplog):
+    new = load_config(None, ["model.method=mocov2", "model.moco.queue=256",
+                             "model.moco.key_norm=momentum"])
+    assert (new.model.moco.queue, new.model.moco.key_norm) == (256, "momentum")
+    assert "moco" in new.to_dict()["model"] and "moco_queue" not in new.to_dict()["model"]
+    with caplog.at_level("WARNING", logger="m2_pretrain.config"):
+        old = load_config(None, ["model.method=mocov2", "model.moco_queue=256",
+                                 "model.key_norm=momentum"])
+    assert old.to_dict() == new.to_dict()
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warnings == ["deprecated config key model.moco_queue: use model.moco.queue",
+                        "deprecated config key model.key_norm: use model.moco.key_norm"]
+    with pytest.raises(ConfigError, match="'model.moco.key_norm' must be one of"):
+        load_config(None, ["model.moco.key_norm=sync"])
+
+
+def test_list_fields_have_element_types():
+    assert load_config(None, ["data.mean=[0,1,0.5]"]).data.mean == [0.0, 1.0, 0.5]
+    with pytest.raises(ConfigError, match="'data.std' expects a list of float values"):
+        load_config(None, ["data.std=[0.2,x,0.2]"])
+
+
+def test_unknown_optimizer_is_refused_before_the_run_directory_is_written(tmp_path):
+    from helpers import tiny_config
+
+    from m2_pretrain.engine.trainer import Trainer
+
+    cfg = tiny_config(optim={"name": "adamw"}, model={"arch": "resnet10t"})
+    with pytest.raises(ConfigError, match=r"'optim.name' must be one of \('sgd', 'lars'\)"):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

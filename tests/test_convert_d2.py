@@ -64,7 +64,7 @@ def test_verify_and_pickle_format(tmp_path):
 
 
 def test_training_checkpoint_and_cli(tmp_path):
-    from m2_pretrain.engine.checkpoint import list_checkpoints
+    from m2_pretrain.checkpoint import list_checkpoints
     from m2_pretrain.engine.trainer import Trainer
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -185,7 +185,7 @@ def test_safetensors_encoder_converts_and_loads_into_the_timm_backbone(r18_encod
         convert_file(st, tmp_path / "x.pkl", which="student")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    from m2_pretrain.engine.checkpoint import CheckpointError
+    from m2_pretrain.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="bad.safetensors is not a readable safetensors"):
         convert_file(bad, tmp_path / "y.pkl")

@@ -25,7 +25,7 @@ from m2_detectron2.data import DatasetSpecError, register_coco_spec
 from m2_detectron2.safe_load import (
     UnsafePickleError, dumps_pickle, load_pickle, load_pickle_file, restricted_pickle_loading)
 from m2_detectron2.train import SetupError, Trainer, validate_setup
-from m2_pretrain.engine.checkpoint import CheckpointError
+from m2_pretrain.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "detectron2"

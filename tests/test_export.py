@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from m2_pretrain import cli
-from m2_pretrain.engine.checkpoint import CheckpointError, safe_load
+from m2_pretrain.checkpoint import CheckpointError, safe_load
 from m2_pretrain.engine.trainer import Trainer
 from m2_pretrain.eval.common import EvalInputError, load_encoder
 from m2_pretrain.export import META_KEY, export_encoder, load_exported_encoder, meta_path

@@ -5,7 +5,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from m2_pretrain.engine.checkpoint import list_checkpoints, safe_load
+from m2_pretrain.checkpoint import list_checkpoints, safe_load
 from m2_pretrain.engine.trainer import Trainer
 from m2_pretrain.export import export_encoder
 from m2_pretrain.layers import count_plain_bn, momentum_bn_modules

@@ -48,9 +48,9 @@ def _record_step(trainer: Trainer) -> SyncRecorder:
         trainer.run_step()
         batch = trainer.next_batch()
         trainer.next_batch = lambda: batch
-        dev = module_tensors(trainer.model, trainer.batch_aug, trainer.normalizer)
+        dev = module_tensors(trainer.model, trainer.feed.batch_aug, trainer.feed.normalizer)
         dev += optimizer_tensors(trainer.optimizer)
-        dev += [trainer._first_bad, trainer._window.loss_sum, *batch]
+        dev += [trainer._fit.first_bad, trainer._fit.log.window.loss_sum, *batch]
         with SyncRecorder(dev) as rec:
             trainer.run_step()
     return rec

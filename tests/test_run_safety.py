@@ -23,7 +23,7 @@ from PIL import Image
 
 from m2_pretrain import cli
 from m2_pretrain.config import ConfigError, load_config
-from m2_pretrain.engine.checkpoint import (
+from m2_pretrain.checkpoint import (
     CheckpointError, atomic_save, list_checkpoints, safe_load)
 from m2_pretrain.engine.run_dir import (
     LOCK_NAME, RESUME_CHANGEABLE_KEYS, ResumeConfigError, RunDirError)
@@ -336,10 +336,10 @@ def test_divergence_rule_passes_a_healthy_run_and_stops_a_blown_up_one(tmp_path,
     small = {"arch": "resnet10t"}
     t = Trainer(tiny_config(model=small, train={"max_steps": 4}), tmp_path / "ok", progress=False)
     assert t.fit()["status"] == "completed"
-    _, params, _, buffers = t._named_state()
+    _, params, _, buffers = t.guard.named_state()
     with torch.no_grad():
-        _, p, b = t._norms(params, buffers)
-    ref_p, ref_b = t._norm_reference
+        _, p, b = t.guard.norms(params, buffers)
+    ref_p, ref_b = t.guard.reference
     # far inside the limits (1e3 x for the parameters, 1e6 x for the statistics)
     assert 0.5 < float(p) / ref_p < 10 and 0.5 < float(b) / ref_b < 1e3, (p, ref_p, b, ref_b)
     # finite and below the absolute 1e12, but orders of magnitude above the start

@@ -71,3 +71,31 @@ def test_ddp_accumulation_all_reduces_only_on_last_micro_batch(tmp_path):
         assert sum(n for m, n in a["seen"] if m == micro) == a["n_grad"]
     for k, v in a["params"].items():
         torch.testing.assert_close(v, b["params"][k], rtol=0, atol=0)
+
+
+def test_hooks_run_at_their_period_and_after_the_last_step(tmp_path):
+    """A hook handed in runs every ``period`` steps and after the last one, on the trained
+    model; its numbers land in that step's history row (a row of their own between log rows)."""
+    from m2_pretrain.engine.hooks import PeriodicHook
+
+    cfg = tiny_config(train={"max_steps": 5, "batch_size": 4, "log_every": 2},
+                      checkpoint={"every_steps": 5}, model={"arch": "resnet10t"})
+    seen = []
+
+    def probe(trainer):
+        seen.append((trainer.step, trainer.model.training))
+        return {"step_squared": float(trainer.step ** 2)}
+
+    t = Trainer(cfg, tmp_path, progress=False, hooks=[PeriodicHook("probe", 3, probe)])
+    t.register_hooks([None, PeriodicHook("quiet", 2, lambda tr: None)])
+    assert [h.name for h in t.hooks] == ["probe", "quiet"]
+    history = t.fit()["history"]
+    assert seen == [(3, True), (5, True)]
+    rows = {r["step"]: r for r in history}
+    assert sorted(rows) == [2, 3, 4, 5]  # log rows at 2, 4, 5; the hook's own row at 3
+    assert rows[3] == {"step": 3, "epoch": pytest.approx(3 / t.steps_per_epoch),
+                       "probe_step_squared": 9.0}
+    assert rows[5]["probe_step_squared"] == 25.0 and "loss" in rows[5]
+    assert "probe_step_squared" not in rows[4]
+    with pytest.raises(ValueError, match="period must be >= 1"):
+        PeriodicHook("bad", 0, probe)

@@ -10,8 +10,9 @@ import pytest
 import timm
 import torch
 
-from m2_pretrain.engine.checkpoint import atomic_save, list_checkpoints, safe_load
+from m2_pretrain.checkpoint import atomic_save, list_checkpoints, safe_load
 from m2_pretrain.engine.trainer import NonFiniteLossError, Trainer
+from m2_pretrain.eval.knn import knn_monitor
 from m2_pretrain.export import export_encoder, load_exported_encoder
 from m2_pretrain.models import M2Teacher
 
@@ -90,7 +91,7 @@ def test_atomic_save_survives_kill(tmp_path):
     atomic_save({"step": 1, "w": torch.arange(5.0)}, target)
     script = textwrap.dedent(f"""
         import time, torch
-        from m2_pretrain.engine import checkpoint as C
+        from m2_pretrain import checkpoint as C
         def slow_save(obj, f):
             f.write(b"partial-bytes" * 1000); f.flush()
             time.sleep(120)
@@ -184,6 +185,7 @@ def test_knn_monitor_and_gradient_accumulation(tmp_path):
                       data={"knn_train_split": "train", "knn_test_split": "test"},
                       knn={"every_epochs": 0.1, "k": 5, "max_train": 32})
     t = Trainer(cfg, tmp_path, progress=False)
+    t.register_hooks(knn_monitor(t))
     assert t.batches_per_epoch == 16 and t.steps_per_epoch == 8 and t.global_batch == 8
     calls = {"n": 0}
     orig = t.optimizer.step

@@ -14,8 +14,9 @@ import timm
 import torch
 import torch.nn as nn
 
-from m2_pretrain.engine.checkpoint import list_checkpoints, safe_load
-from m2_pretrain.engine.trainer import EpochBatchSampler, Trainer
+from m2_pretrain.checkpoint import list_checkpoints, safe_load
+from m2_pretrain.data.sampling import EpochBatchSampler
+from m2_pretrain.engine.trainer import Trainer
 from m2_pretrain.export import export_encoder
 from m2_pretrain.layers import (
     GroupedBatchNorm,

@@ -24,7 +24,7 @@ from ..convert import ConversionError, load_encoder_state
 
 logger = logging.getLogger(__name__)
 
-_NORMS = ("BN", "SyncBN", "FrozenBN")
+NORMS = ("BN", "SyncBN", "FrozenBN")  # MODEL.TIMM.NORM
 
 
 def _level_name(stride: int) -> str:
@@ -50,8 +50,8 @@ class TimmBackbone(Backbone):
     def __init__(self, arch: str, out_features, norm: str = "BN", freeze_at: int = 0,
                  weights: str = "", which: str | None = None) -> None:
         super().__init__()
-        if norm not in _NORMS:
-            raise ValueError(f"MODEL.TIMM.NORM must be one of {_NORMS}, got {norm!r}")
+        if norm not in NORMS:
+            raise ValueError(f"MODEL.TIMM.NORM must be one of {NORMS}, got {norm!r}")
         probe = timm.create_model(arch, pretrained=False, features_only=True)
         info = probe.feature_info.get_dicts()
         names = [_level_name(d["reduction"]) for d in info]

@@ -236,30 +236,38 @@ class FashionMNIST(Dataset):
 
 
 # --------------------------------------------------------------------------- factory
+def _embedded(data_cfg, split: str, transform: Optional[Callable]) -> Dataset:
+    seeds = {"train": 0, "test": 1, "unlabeled": 0, "train+unlabeled": 0}
+    if split not in seeds:
+        raise DatasetError(f"unknown embedded split {split!r} (use train or test)")
+    n = data_cfg.num_images if split != "test" else max(data_cfg.num_images // 4, 1)
+    return EmbeddedShapes(n, res=max(data_cfg.res, 64), num_classes=data_cfg.num_classes,
+                          seed=seeds[split], transform=transform,
+                          palette=data_cfg.embedded_palette)
+
+
+# ``data.dataset`` -> ``(data_cfg, split, transform) -> Dataset``; the only place a dataset is named
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "embedded": _embedded,
+    "imagefolder": lambda d, split, tf: ImageFolderDataset(Path(d.root) / split, tf,
+                                                           d.skip_corrupt),
+    "stl10": lambda d, split, tf: STL10Binary(d.root, split, tf),
+    "fashion_mnist": lambda d, split, tf: FashionMNIST(d.root, split, tf),
+}
+
+
 def build_dataset(data_cfg, split: str, transform: Optional[Callable] = None) -> Dataset:
     """Dataset named by ``data_cfg.dataset`` for ``split``.
 
     For the embedded dataset, ``train``/``unlabeled`` draw seed 0 and ``test`` seed 1.
     """
-    name = data_cfg.dataset
-    if name == "embedded":
-        seeds = {"train": 0, "test": 1, "unlabeled": 0, "train+unlabeled": 0}
-        if split not in seeds:
-            raise DatasetError(f"unknown embedded split {split!r} (use train or test)")
-        n = data_cfg.num_images if split != "test" else max(data_cfg.num_images // 4, 1)
-        return EmbeddedShapes(n, res=max(data_cfg.res, 64),
-                              num_classes=data_cfg.num_classes, seed=seeds[split],
-                              transform=transform, palette=data_cfg.embedded_palette)
-    if name == "imagefolder":
-        return ImageFolderDataset(Path(data_cfg.root) / split, transform, data_cfg.skip_corrupt)
-    if name == "stl10":
-        return STL10Binary(data_cfg.root, split, transform)
-    if name == "fashion_mnist":
-        return FashionMNIST(data_cfg.root, split, transform)
-    raise DatasetError(f"unknown dataset {name!r}")
+    if data_cfg.dataset not in DATASETS:
+        raise DatasetError(f"unknown dataset {data_cfg.dataset!r} (one of {tuple(DATASETS)})")
+    return DATASETS[data_cfg.dataset](data_cfg, split, transform)
 
 
 __all__ = [
+    "DATASETS",
     "DatasetError",
     "FashionMNIST",
     "ImageFolderDataset",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import Config, config_from_dict
-from .checkpoint import (
+from ..checkpoint import (
     CheckpointError,
     checkpoint_tensors,
     first_non_finite,

@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from ..engine.checkpoint import CheckpointError, describe_file, first_non_finite
+from ..checkpoint import CheckpointError, describe_file, first_non_finite
 from ..export import DEFAULT_OUT, is_safetensors, load_exported_encoder, meta_path
 
 

@@ -117,3 +117,25 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
     out = knn_accuracy(ftr, ltr, fte, lte, k=knn_cfg.k, temperature=knn_cfg.temperature)
     out.update({"train_images": len(train), "val_images": len(test)})
     return out
+
+
+def knn_monitor(trainer) -> list:
+    """The teacher's kNN top-1/top-5 every ``knn.every_epochs`` epochs as a trainer hook (none
+    when ``knn.every_epochs`` is 0 or ``data.knn_train_split`` is empty); the numbers go to the
+    history row as ``knn_top1``/``knn_top5`` and to TensorBoard as ``knn/top1``/``knn/top5``."""
+    import logging
+
+    from ..engine.hooks import PeriodicHook
+
+    cfg = trainer.cfg
+    if cfg.knn.every_epochs <= 0 or not cfg.data.knn_train_split:
+        return []
+    every = max(int(round(cfg.knn.every_epochs * trainer.steps_per_epoch)), 1)
+
+    def knn(tr) -> dict[str, float]:
+        res = knn_eval_encoder(tr.model.teacher.encoder, cfg.data, cfg.knn, tr.device)
+        logging.getLogger(__name__).info("step %d: kNN top-1 %.2f top-5 %.2f", tr.step,
+                                         res["top1"], res["top5"])
+        return {"top1": res["top1"], "top5": res["top5"]}
+
+    return [PeriodicHook("knn", every, knn)]

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from ..layers import STUDENT_NORMS, TEACHER_NORMS, apply_norm, set_momentum_bn_alpha
+from ..config import bn_groups, encoder_kwargs
+from ..data.augment import TwoViewTransform
+from .base import TeacherStudent
 from .encoder import create_encoder
 from .heads import MLP
 from .loss import symmetric_byol_loss
-
-TeacherNorm = Literal["momentum", "bn", "sync"]
-StudentNorm = Literal["bn", "sync"]
 
 
 @torch.no_grad()
@@ -36,7 +35,7 @@ class Branch(nn.Module):
         return self.projector(self.encoder(x))
 
 
-class M2Teacher(nn.Module):
+class M2Teacher(TeacherStudent):
     """Student (encoder + projector + predictor) and teacher (EMA encoder + projector).
 
     Args:
@@ -62,10 +61,10 @@ class M2Teacher(nn.Module):
         proj_hidden: int = 512,
         proj_out: int = 128,
         pred_hidden: int = 512,
-        teacher_norm: TeacherNorm = "momentum",
+        teacher_norm: str = "momentum",
         alpha_base: float = 1.0,
         encoder_kwargs: dict | None = None,
-        student_norm: StudentNorm = "bn",
+        student_norm: str = "bn",
         bn_groups: int = 1,
         distributed: bool = False,
     ) -> None:
@@ -90,6 +89,24 @@ class M2Teacher(nn.Module):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self._build_ema_pairs()
+
+    @classmethod
+    def from_config(cls, cfg, distributed: bool = False) -> "M2Teacher":
+        m = cfg.model
+        return cls(m.arch, m.proj_hidden, m.proj_out, m.pred_hidden, m.teacher_norm, m.alpha_base,
+                   student_norm=m.student_norm, bn_groups=bn_groups(cfg), distributed=distributed,
+                   encoder_kwargs=encoder_kwargs(cfg))
+
+    @staticmethod
+    def augmentation(data_cfg) -> TwoViewTransform:
+        """The authors' asymmetric pipeline (BYOL's: blur 1.0 / 0.1, solarisation on the
+        teacher's view only)."""
+        d = data_cfg
+        return TwoViewTransform(d.res, d.crop_scale_min, blur_sigma=tuple(d.blur_sigma),
+                                teacher_solarize_p=d.solarize_p)
+
+    def checkpoint_parts(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher, "predictor": self.predictor}
 
     # ------------------------------------------------------------------ EMA
     def _build_ema_pairs(self) -> None:

@@ -13,7 +13,6 @@ The key encoder's BN is one of:
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -21,10 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import KEY_NORMS, apply_norm
+from ..config import encoder_kwargs as _encoder_kwargs
+from ..data.augment import TwoViewTransform
+from .base import TeacherStudent
 from .encoder import create_encoder
 from .m2_teacher import Branch, ema_update_
-
-KeyNorm = Literal["shuffle_bn", "momentum", "bn"]
 
 
 class MoCoHead(nn.Sequential):
@@ -51,7 +51,7 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-class MoCoV2(nn.Module):
+class MoCoV2(TeacherStudent):
     """MoCo v2.
 
     Args:
@@ -72,7 +72,7 @@ class MoCoV2(nn.Module):
         hidden: int = 2048,
         queue_size: int = 65536,
         temperature: float = 0.2,
-        key_norm: KeyNorm = "shuffle_bn",
+        key_norm: str = "shuffle_bn",
         key_alpha: float = 0.064,
         shuffle_splits: int = 2,
         encoder_kwargs: dict | None = None,
@@ -97,6 +97,23 @@ class MoCoV2(nn.Module):
         if set(s) != set(t):
             raise RuntimeError("query/key parameter names differ")
         self._ema_names = sorted(s)
+
+    export_branch = "student"  # the query encoder, as MoCo's own transfer uses
+
+    @classmethod
+    def from_config(cls, cfg, distributed: bool = False) -> "MoCoV2":  # noqa: ARG003
+        m = cfg.model.moco
+        return cls(cfg.model.arch, m.dim, m.hidden, m.queue, m.temperature, m.key_norm, m.key_alpha,
+                   m.shuffle_splits, encoder_kwargs=_encoder_kwargs(cfg))
+
+    @staticmethod
+    def augmentation(data_cfg) -> TwoViewTransform:
+        """MoCo v2's symmetric pipeline: jitter (0.4, 0.4, 0.4, 0.1), blur p 0.5 on both views,
+        no solarisation."""
+        d = data_cfg
+        return TwoViewTransform(d.res, d.crop_scale_min, jitter=(0.4, 0.4, 0.4, 0.1),
+                                blur_sigma=tuple(d.blur_sigma), student_blur_p=0.5,
+                                teacher_blur_p=0.5, teacher_solarize_p=0.0)
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()

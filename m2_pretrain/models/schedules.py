@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 
 def _check(step: int, total: int) -> None:
@@ -29,6 +31,16 @@ def ema_one_minus_m(step: int, total: int, m_base: float) -> float:
 def ema_momentum(step: int, total: int, m_base: float) -> float:
     """The EMA decay m = 1 - ema_one_minus_m(step, total, m_base)."""
     return 1.0 - ema_one_minus_m(step, total, m_base)
+
+
+def constant_one_minus_m(step: int, total: int, m_base: float) -> float:
+    """1 - m held at m_base (MoCo's fixed key-encoder momentum)."""
+    _check(step, total)
+    return m_base
+
+
+# ``train.m_schedule`` -> ``(step, total, m_base) -> 1 - m``
+EMA_SCHEDULES = {"cosine": ema_one_minus_m, "constant": constant_one_minus_m}
 
 
 def momentum_bn_alpha(step: int, total: int, alpha_base: float = 1.0) -> float:
@@ -74,3 +86,45 @@ def scale_m_base(m_base: float, batch_size: int, reference_batch: int) -> float:
             f"for m_base {m_base} at reference batch {reference_batch}"
         )
     return scaled
+
+
+class Schedule(NamedTuple):
+    """The scheduled values of one optimizer step."""
+
+    lr: float
+    one_minus_m: float  # of the teacher's EMA
+    alpha: float  # Momentum BN's weight of the current batch
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """Every schedule of one run (learning rate with warm-up, EMA ``1 - m``, Momentum BN alpha)
+    as a function of the optimizer step, from ``cfg`` and the run's batch geometry: the
+    learning rate and (with ``train.m_base_reference_batch``) ``m_base`` are scaled to the
+    global batch ``batch_size x processes x accum_steps``."""
+
+    total_steps: int
+    warmup_steps: int
+    global_batch: int
+    base_lr: float
+    m_base: float
+    warmup_factor: float
+    alpha_base: float
+    m_schedule: str
+
+    @classmethod
+    def from_config(cls, cfg, steps_per_epoch: int, world_size: int) -> "RunSchedule":
+        t, o = cfg.train, cfg.optim
+        total = t.max_steps if t.max_steps > 0 else max(int(round(t.epochs * steps_per_epoch)), 1)
+        batch = t.batch_size * world_size * t.accum_steps
+        m_base = t.m_base
+        if t.m_base_reference_batch > 0:
+            m_base = scale_m_base(t.m_base, batch, t.m_base_reference_batch)
+        return cls(total, min(int(round(o.warmup_epochs * steps_per_epoch)), total), batch,
+                   scale_lr(o.base_lr, batch, o.lr_reference_batch), m_base, o.warmup_factor,
+                   cfg.model.alpha_base, t.m_schedule)
+
+    def at(self, k: int) -> Schedule:
+        lr = learning_rate(k, self.total_steps, self.base_lr, self.warmup_steps, self.warmup_factor)
+        return Schedule(lr, EMA_SCHEDULES[self.m_schedule](k, self.total_steps, self.m_base),
+                        momentum_bn_alpha(k, self.total_steps, self.alpha_base))
