@@ -42,12 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -66,10 +67,21 @@ from m2_pretrain.engine.hooks import PeriodicHook  # noqa: E402
 from m2_pretrain.engine.trainer import Trainer  # noqa: E402
 from m2_pretrain.eval.common import load_encoder  # noqa: E402
 from m2_pretrain.eval.knn import knn_accuracy  # noqa: E402
-from m2_pretrain.eval.protocols import recount_bn_statistics  # noqa: E402
+from m2_pretrain.eval.protocols import (  # noqa: E402
+    linear_head,
+    raw_features,
+    recount_bn_statistics,
+    train_linear_head,
+)
 from m2_pretrain.export import export_encoder  # noqa: E402
 from m2_pretrain.models.encoder import create_encoder  # noqa: E402
-from m2_pretrain.models.schedules import cosine_decay  # noqa: E402
+
+# Fashion-MNIST: training images, and the normalisation every run and score uses
+FMNIST_TRAIN_IMAGES = 60000
+FMNIST_MEAN, FMNIST_STD = [0.286] * 3, [0.353] * 3
+FMNIST_CLASSES = 10
+# scores: weighted kNN (k, temperature), as the toolkit's kNN monitor
+KNN_K, KNN_T = 200, 0.1
 
 # arm name -> (student norm, teacher norm, BN group size; 0 = no training)
 ARMS = {
@@ -132,55 +144,42 @@ def eval_tensors(args, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _EVAL_CACHE[key]
 
 
-@torch.no_grad()
-def features(encoder: nn.Module, x: torch.Tensor, norm: nn.Module, device, bs: int = 512):
+def features(encoder: nn.Module, x: torch.Tensor, device, bs: int = 512) -> torch.Tensor:
+    """Pooled features of the uint8 images ``x`` (eval mode), the toolkit's ``raw_features``."""
     encoder.eval()
-    return torch.cat([encoder(norm(x[i:i + bs].to(device))).float().cpu()
-                      for i in range(0, len(x), bs)])
+    norm = Normalizer(FMNIST_MEAN, FMNIST_STD).to(device)
+    ds = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
+    return raw_features(encoder, ds, norm, device, bs)[0]
 
 
 def linear_probe(ftr, ltr, fte, lte, epochs: int, lr_per_256: float = 0.5, bs: int = 256,
                  seed: int = 0) -> float:
-    """The toolkit's linear protocol on precomputed features: BN (no affine) -> linear,
-    SGD 0.9, no wd, cosine lr. Returns test top-1 (%)."""
+    """The toolkit's linear protocol (``m2_pretrain.eval.protocols``: BN without affine ->
+    linear, SGD 0.9, no wd, cosine lr) on precomputed features, seeded. Returns test top-1 (%)."""
     g = torch.Generator().manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(ftr.shape[1], affine=False), nn.Linear(ftr.shape[1], 10))
-    nn.init.normal_(head[1].weight, std=0.01, generator=g)
-    nn.init.zeros_(head[1].bias)
-    lr = lr_per_256 * bs / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    head = linear_head(ftr.shape[1], FMNIST_CLASSES, generator=g)
     loader = DataLoader(TensorDataset(ftr, ltr), batch_size=bs, shuffle=True, drop_last=True,
                         generator=g)
-    total, step = epochs * len(loader), 0
-    head.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            for group in opt.param_groups:
-                group["lr"] = cosine_decay(step, total, lr)
-            loss = F.cross_entropy(head(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    head.eval()
+    train_linear_head(head, loader, lambda x: x, epochs * len(loader), lr_per_256 * bs / 256,
+                      torch.device("cpu"))
     with torch.no_grad():
         return 100.0 * (head(fte).argmax(1) == lte).float().mean().item()
 
 
 def score(args, encoder: nn.Module, device) -> dict:
     """kNN and linear probe (test subset) of ``encoder`` as it is."""
-    norm = Normalizer([0.286] * 3, [0.353] * 3).to(device)
     xtr, ltr = eval_tensors(args, "train", args.eval_train)
     xte, lte = eval_tensors(args, "test", args.eval_test)
-    ftr, fte = features(encoder, xtr, norm, device), features(encoder, xte, norm, device)
-    knn = knn_accuracy(F.normalize(ftr, dim=1), ltr, F.normalize(fte, dim=1), lte, 10, 200, 0.1)
+    ftr, fte = features(encoder, xtr, device), features(encoder, xte, device)
+    knn = knn_accuracy(F.normalize(ftr, dim=1), ltr, F.normalize(fte, dim=1), lte, FMNIST_CLASSES,
+                       KNN_K, KNN_T)
     return {"knn": knn["top1"], "linear": linear_probe(ftr, ltr, fte, lte, args.probe_epochs)}
 
 
 def recount(args, encoder: nn.Module, device) -> int:
     """Recount BN statistics on ``recount_images`` training images (exact averages over
     batches of 256, the per-view global batch)."""
-    norm = Normalizer([0.286] * 3, [0.353] * 3).to(device)
+    norm = Normalizer(FMNIST_MEAN, FMNIST_STD).to(device)
     x, y = eval_tensors(args, "train", max(args.recount_images, args.eval_train))
     loader = DataLoader(TensorDataset(x[-args.recount_images:], y[-args.recount_images:]),
                         batch_size=256)
@@ -195,13 +194,12 @@ def knn_curve_hook(args, curve: list) -> PeriodicHook:
     def knn(trainer) -> dict[str, float]:
         enc = trainer.model.teacher.encoder
         was = enc.training
-        norm = Normalizer([0.286] * 3, [0.353] * 3).to(trainer.device)
         xtr, ltr = eval_tensors(args, "train", args.monitor_train)
         xte, lte = eval_tensors(args, "test", args.monitor_test)
-        ftr = F.normalize(features(enc, xtr, norm, trainer.device), dim=1)
-        fte = F.normalize(features(enc, xte, norm, trainer.device), dim=1)
+        ftr = F.normalize(features(enc, xtr, trainer.device), dim=1)
+        fte = F.normalize(features(enc, xte, trainer.device), dim=1)
         enc.train(was)
-        out = knn_accuracy(ftr, ltr, fte, lte, 10, 200, 0.1)
+        out = knn_accuracy(ftr, ltr, fte, lte, FMNIST_CLASSES, KNN_K, KNN_T)
         curve.append((trainer.step, out["top1"]))
         return {"top1": out["top1"], "top5": out["top5"]}
 
@@ -218,14 +216,14 @@ def init_overrides(args) -> list[str]:
 def arm_config(args, arm: str, seed: int):
     s_norm, t_norm, group = ARMS[arm]
     batch = args.global_batch
-    steps_per_epoch = 60000 // batch
+    steps_per_epoch = FMNIST_TRAIN_IMAGES // batch
     overrides = [
         f"model.arch={args.arch}", "model.proj_hidden=512", "model.proj_out=128",
         "model.pred_hidden=512", f"model.student_norm={s_norm}", f"model.teacher_norm={t_norm}",
         "data.dataset=fashion_mnist", f"data.root={args.root}", "data.split=train",
         f"data.res={args.res}", f"data.workers={args.workers}",
         f"data.crop_scale_min={args.crop_min}",
-        "data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]",
+        f"data.mean={FMNIST_MEAN}", f"data.std={FMNIST_STD}",
         "data.knn_train_split=train", "data.knn_test_split=test",
         f"optim.base_lr={args.lr}", "optim.lr_reference_batch=256", "optim.weight_decay=1e-4",
         f"optim.warmup_epochs={args.warmup_steps / steps_per_epoch}",
@@ -260,7 +258,7 @@ def run_arm(args, arm: str, seed: int) -> dict:
         enc, _ = load_encoder(work / "teacher.pth")  # stock timm model, strict load
         enc = enc.to(device)
         row.update(curve=curve, final_loss=result["history"][-1]["loss"],
-                   epochs=args.steps * args.global_batch / 60000,
+                   epochs=args.steps * args.global_batch / FMNIST_TRAIN_IMAGES,
                    bn_statistics=meta.get("bn_statistics", "single device"))
     row["exported"] = score(args, enc, device)
     row["bn_layers_recounted"] = recount(args, enc, device)
@@ -291,7 +289,7 @@ def _cpu_seconds() -> float:
 def write_report(args, rows: list[dict], out: Path, wall: float) -> None:
     summ = summarise(rows)
     out.mkdir(parents=True, exist_ok=True)
-    epochs = args.steps * args.global_batch / 60000
+    epochs = args.steps * args.global_batch / FMNIST_TRAIN_IMAGES
     meta = {"command": " ".join(["python", "benchmarks/learning_quality.py"] + sys.argv[1:]),
             "budget": args.budget, "arch": args.arch, "res": args.res, "steps": args.steps,
             "global_batch_per_view": args.global_batch, "epochs": epochs, "seeds": args.seeds,
@@ -376,7 +374,7 @@ def plot(args, rows, summ, out: Path) -> None:
     ax2.set_xticks(range(len(all_arms)), [a for a in all_arms], rotation=40, ha="right", fontsize=7)
     lo = min(summ[a][k]["mean"] for a in all_arms for k, _ in keys)
     ax2.set_ylim(max(lo - 10, 0), 100)
-    epochs = args.steps * args.global_batch / 60000
+    epochs = args.steps * args.global_batch / FMNIST_TRAIN_IMAGES
     ns = sorted({summ[a]["knn_exported"]["n"] for a in all_arms})
     seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     ax2.set_title(f"exported teacher, {args.steps} steps ({epochs:.2f} "
@@ -424,12 +422,7 @@ def parse(argv=None):
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only write the report from the runs of earlier learning_quality.json "
-                    "files")
-    ap.add_argument("--merge-commands", nargs="+", help="the merged runs' commands (for the record)")
-    ap.add_argument("--merge-cpu-seconds", type=float, help="their CPU time, if not in the files")
-    ap.add_argument("--merge-wall-seconds", type=float, help="their wall time, if not in the files")
-    ap.add_argument("--one", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
-    ap.add_argument("--one-out", help=argparse.SUPPRESS)
+                    "(or partial_results.json) files; their commands, CPU and wall times add up")
     args = ap.parse_args(argv)
     for k, v in BUDGETS[args.budget].items():
         if getattr(args, k, None) is None:
@@ -437,74 +430,69 @@ def parse(argv=None):
     return args
 
 
-def _child_argv(args, arm: str, seed: int, out: Path) -> list[str]:
-    keys = ("budget", "steps", "seeds", "arch", "res", "monitor_every", "device", "workers",
-            "eval_train", "eval_test", "recount_images", "monitor_train", "monitor_test",
-            "probe_epochs", "global_batch", "lr", "m_base", "warmup_steps", "crop_min", "root",
-            "work", "init")
-    argv = [sys.executable, str(Path(__file__).resolve())]
-    for k in keys:
-        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    return argv + ["--one", arm, str(seed), "--one-out", str(out)]
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def run_all(args, runs: list[tuple[str, int]], on_row) -> list[dict]:
+    """Every ``(arm, seed)`` run, ``args.jobs`` at a time in separate processes (one in this
+    process for ``--jobs 1``); ``on_row(row)`` after each."""
+    rows: list[dict] = []
+    if args.jobs <= 1:
+        for arm, seed in runs:
+            rows.append(run_arm(args, arm, seed))
+            on_row(rows[-1])
+        return rows
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(run_arm, args, arm, seed) for arm, seed in runs]
+        for f in as_completed(futures):
+            rows.append(f.result())
+            on_row(rows[-1])
+    return rows
+
+
+def merge(args) -> None:
+    """The report from earlier runs (e.g. the Table 1 rows and the Table 4 sweep run as two
+    invocations)."""
+    parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    # partial_results.json (a list of runs, written after each run) counts as well
+    parts = [p if isinstance(p, dict) else
+             {"runs": p, "meta": {"command": "(stopped early)", "wall_seconds": 0.0}}
+             for p in parts]
+    rows = [r for part in parts for r in part["runs"]]
+    args.commands = [part["meta"]["command"] for part in parts]
+    args.cpu_seconds = sum(part["meta"].get("cpu_seconds", 0.0) for part in parts)
+    write_report(args, rows, Path(args.out), sum(part["meta"]["wall_seconds"] for part in parts))
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.one:
-        row = run_arm(args, args.one[0], int(args.one[1]))
-        Path(args.one_out).write_text(json.dumps(row))
-        return
-    if args.merge:  # e.g. the Table 1 rows and the Table 4 sweep run as two invocations
-        parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        # partial_results.json (a list of runs, written after each run) counts as well
-        parts = [p if isinstance(p, dict) else
-                 {"runs": p, "meta": {"command": "(stopped early)", "wall_seconds": 0.0}}
-                 for p in parts]
-        rows = [r for part in parts for r in part["runs"]]
-        args.commands = args.merge_commands or [part["meta"]["command"] for part in parts]
-        args.cpu_seconds = args.merge_cpu_seconds or sum(part["meta"].get("cpu_seconds", 0.0)
-                                                         for part in parts)
-        wall = args.merge_wall_seconds or sum(part["meta"]["wall_seconds"] for part in parts)
-        write_report(args, rows, Path(args.out), wall)
+    if args.merge:
+        merge(args)
         return
     t0 = time.time()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     runs = [(arm, seed) for seed in seeds for arm in args.arms]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
     from tqdm import tqdm
 
     bar = tqdm(total=len(runs), desc="runs", dynamic_ncols=True)
-    if args.jobs <= 1:
-        for arm, seed in runs:
-            rows.append(run_arm(args, arm, seed))
-            r = rows[-1]
-            bar.write(f"{arm:>15} seed {seed}: kNN {r['exported']['knn']:.1f} / recounted "
-                      f"{r['recounted']['knn']:.1f}, linear {r['exported']['linear']:.1f} / "
-                      f"{r['recounted']['linear']:.1f} ({r['seconds']:.0f} s)")
-            bar.update(1)
-            (work / "partial_results.json").write_text(json.dumps(rows, indent=2))
-    else:  # separate processes sharing the device
-        pending, active = list(runs), []
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.jobs))}
-        while pending or active:
-            while pending and len(active) < args.jobs:
-                arm, seed = pending.pop(0)
-                out = work / f"row_{arm.replace('/', '-')}_s{seed}.json"
-                log = open(work / f"log_{arm.replace('/', '-')}_s{seed}.txt", "w")
-                active.append((subprocess.Popen(_child_argv(args, arm, seed, out), env=env,
-                                                stdout=log, stderr=subprocess.STDOUT), out, log))
-            time.sleep(2)
-            for p, out, log in list(active):
-                if p.poll() is not None:
-                    active.remove((p, out, log))
-                    log.close()
-                    if p.returncode != 0:
-                        raise RuntimeError(f"run {out.name} failed; see {log.name} in {work}")
-                    rows.append(json.loads(out.read_text()))
-                    bar.update(1)
+    done: list[dict] = []
+
+    def on_row(r: dict) -> None:
+        done.append(r)
+        bar.write(f"{r['arm']:>15} seed {r['seed']}: kNN {r['exported']['knn']:.1f} / recounted "
+                  f"{r['recounted']['knn']:.1f}, linear {r['exported']['linear']:.1f} / "
+                  f"{r['recounted']['linear']:.1f} ({r['seconds']:.0f} s)")
+        bar.update(1)
+        (work / "partial_results.json").write_text(json.dumps(done, indent=2))
+
+    rows = run_all(args, runs, on_row)
     bar.close()
     write_report(args, rows, Path(args.out), time.time() - t0)
 

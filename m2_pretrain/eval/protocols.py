@@ -85,9 +85,7 @@ def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress
         p.requires_grad_(False)
     before = encoder_fingerprint(encoder)
     dim = encoder.num_features
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)).to(device)
-    nn.init.normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
+    head = linear_head(dim, num_classes).to(device)
 
     bs = min(e.batch_size, len(train_ds))
     if augment:
@@ -98,29 +96,15 @@ def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress
             with torch.no_grad():
                 return encoder(norm(x.to(device, non_blocking=True))).float()
     else:
-        ftr, ltr = _raw_features(encoder, train_ds, norm, device, e.batch_size, cfg.data.workers)
+        ftr, ltr = raw_features(encoder, train_ds, norm, device, e.batch_size, cfg.data.workers)
         train_loader = DataLoader(TensorDataset(ftr, ltr), batch_size=bs, shuffle=True, drop_last=True)
 
         def features(x):
             return x.to(device)
 
     lr = e.linear_lr * bs / 256
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     total = max(int(round(e.linear_epochs * len(train_loader))), 1)
-    step = 0
-    head.train()
-    epochs = math.ceil(total / len(train_loader))
-    for _ in _bar(range(epochs), "linear", progress):
-        for x, y in train_loader:
-            if step >= total:
-                break
-            for g in opt.param_groups:
-                g["lr"] = cosine_decay(step, total, lr)
-            loss = F.cross_entropy(head(features(x)), torch.as_tensor(y).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    train_linear_head(head, train_loader, features, total, lr, device, progress)
     check_finite("linear probe", [(f"head.{k}", v) for k, v in head.state_dict().items()],
                  "the probe diverged: lower eval.linear_lr")
     val_loader = DataLoader(val_ds, batch_size=e.batch_size, num_workers=cfg.data.workers)
@@ -130,6 +114,37 @@ def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress
     numbers.update({"features_precomputed": not augment, "steps": total, "lr": lr,
                     "num_classes": num_classes, "train_images": len(train_ds), "val_images": len(val_ds)})
     return numbers
+
+
+def linear_head(dim: int, num_classes: int, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """The probe's head: BatchNorm1d without affine, then a linear layer (weights N(0, 0.01),
+    bias 0; drawn from ``generator`` when given)."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+    nn.init.normal_(head[1].weight, std=0.01, generator=generator)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def train_linear_head(head: nn.Module, loader, features, total_steps: int, lr: float,
+                      device: torch.device, progress: bool = False) -> nn.Module:
+    """``total_steps`` of SGD (momentum 0.9, no weight decay, cosine lr from ``lr``) on
+    cross-entropy of ``head(features(x))`` over ``loader``'s ``(x, y)`` batches, epoch after
+    epoch; returns ``head`` in eval mode."""
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    step = 0
+    head.train()
+    for _ in _bar(range(math.ceil(total_steps / len(loader))), "linear", progress):
+        for x, y in loader:
+            if step >= total_steps:
+                break
+            for g in opt.param_groups:
+                g["lr"] = cosine_decay(step, total_steps, lr)
+            loss = F.cross_entropy(head(features(x)), torch.as_tensor(y).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
 
 
 class _Normalised(nn.Module):
@@ -144,8 +159,9 @@ class _Normalised(nn.Module):
 
 
 @torch.no_grad()
-def _raw_features(encoder, dataset, norm, device, batch_size, workers):
-    """Pooled features, not L2-normalised (the linear head's BN does the scaling), and labels."""
+def raw_features(encoder, dataset, norm, device, batch_size, workers=0):
+    """Pooled features, not L2-normalised (the linear head's BN does the scaling), and labels,
+    of ``dataset``'s ``(uint8 image, label)`` pairs in order."""
     feats, labels = [], []
     for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         feats.append(encoder(norm(x.to(device))).float().cpu())
