@@ -411,6 +411,14 @@ def _mix(m: torch.Tensor, y: torch.Tensor, add: Optional[torch.Tensor] = None) -
     return torch.bmm(m, y) if add is None else torch.baddbmm(add, m, y)
 
 
+def _mean_term(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``a @ mean(y)`` (B, 3, 1): the mean over the pixels, mixed by ``a`` (B, 3, 3), whose
+    rows are equal (``A`` of :class:`ViewPlan`). Compiled: one reduction per sample."""
+    if torch.compiler.is_compiling():
+        return (a[:, :1].transpose(1, 2) * y).sum(dim=(1, 2), keepdim=True) / y.shape[2]
+    return _mix(a, y.mean(dim=2, keepdim=True))
+
+
 def _mat(t: torch.Tensor, col: int) -> torch.Tensor:
     return t[:, col : col + 9].view(-1, 3, 3)
 
@@ -454,7 +462,7 @@ def colour_view(x: torch.Tensor, data: torch.Tensor, diff: torch.Tensor, lut: to
         if i == hue_at:
             y = hue(y)
         m, a = _mat(t, _PASS * i), _mat(t, _PASS * i + 9)
-        y = _mix(m, y, _mix(a, y.mean(dim=2, keepdim=True))).clamp_(0, 1)
+        y = _mix(m, y, _mean_term(a, y)).clamp_(0, 1)
     if hue_at == 6:
         y = hue(y)
     if every or plan.gray:
@@ -544,9 +552,10 @@ class BatchTwoViewAugment(torch.nn.Module):
         plan = plan_view(p, self.kernel_size)
         data = _upload(plan.data, x.device)
         args = (x, data, self.hue_diff, self.hue_lut, self.scale, self.shift, memory_format)
-        if self._compiled is not None:
-            return self._compiled(*args)
-        return colour_view(*args, plan=plan)
+        with torch.autocast(x.device.type, enabled=False):  # float32 matmuls and convolutions
+            if self._compiled is not None:
+                return self._compiled(*args)
+            return colour_view(*args, plan=plan)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, generator: torch.Generator,
                 memory_format: torch.memory_format = torch.contiguous_format,
