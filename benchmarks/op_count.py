@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -77,10 +78,9 @@ def momentum_bn_ops(groups: int, views: int = 2, c: int = 16, n: int = 4) -> Cou
     return counter.ops
 
 
-def augment_ops(batch: int = 256, res: int = 32) -> Counter:
-    """Ops on the device of one view (teacher settings: every op has a non-empty share of the
-    batch) of the device-side augmentation, uint8 in, normalised float out. Factory ops
-    (``arange``, ``linspace`` on the device) are not counted."""
+def _augmenter(batch: int, res: int):
+    """Teacher-view parameters (every op has a non-empty share of the batch) and a uint8
+    channels-last batch, as the trainer hands them over."""
     from m2_pretrain.data.augment import TwoViewTransform
     from m2_pretrain.data.batch_augment import BatchTwoViewAugment
 
@@ -88,10 +88,37 @@ def augment_ops(batch: int = 256, res: int = 32) -> Counter:
     aug = BatchTwoViewAugment(tf.student_cfg, tf.teacher_cfg, [0.5] * 3, [0.25] * 3)
     x = torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     _, p = aug.draw(batch, torch.Generator().manual_seed(0))
+    return aug, x, p
+
+
+def augment_ops(batch: int = 256, res: int = 32) -> Counter:
+    """Ops on the device of one view (teacher settings) of the eager device-side augmentation,
+    uint8 in, normalised float out. Factory ops (allocations, constants) are not counted. On
+    CUDA a ``baddbmm`` is two kernels (its broadcast mean term is copied into the output
+    before the GEMM adds to it)."""
+    aug, x, p = _augmenter(batch, res)
     aug.augment(x, p)
     with OpCounter([x, *aug.buffers()]) as counter:
         aug.augment(x, p)
     return counter.ops
+
+
+def augment_compiled_kernels(batch: int = 256, res: int = 32) -> dict:
+    """Inductor's code for one view with ``compile_colour()`` on the CPU: the generated
+    kernels (C++ functions), the library calls (``extern_kernels.*``) and the parallel loop
+    nests inside the generated kernels (``#pragma omp for``; a GPU build may launch about
+    one kernel per loop nest)."""
+    from torch._inductor.utils import run_and_get_code
+
+    aug, x, p = _augmenter(batch, res)
+    aug.compile_colour()
+    _, code = run_and_get_code(aug.augment, x, p)
+    src = "\n".join(code)
+    generated = len(re.findall(r"^\w+ = async_compile\.(?:cpp_pybinding|cpp|triton)\(", src,
+                               re.M))
+    extern = len(re.findall(r"extern_kernels\.\w+\(", src))
+    return {"total": generated + extern, "generated": generated, "extern": extern,
+            "loop_nests": src.count("#pragma omp for")}
 
 
 def main(argv=None) -> None:
@@ -108,6 +135,11 @@ def main(argv=None) -> None:
     out["augment_view"] = {"total": sum(ops.values()), "ops": dict(ops)}
     print(f"device augmentation, one view: {sum(ops.values())} ops")
     print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
+    k = augment_compiled_kernels()
+    out["augment_view_compiled"] = k
+    print(f"device augmentation, one view, compiled (CPU inductor): {k['total']} kernels "
+          f"({k['generated']} generated, {k['extern']} library calls; "
+          f"{k['loop_nests']} loop nests)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -199,6 +199,8 @@ class Step:
         if name == "m2_augment":
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             self.augment = DeviceAugment(res, batch, device, fmt)
+            if compile_:  # as the trainer under train.compile
+                self.augment.aug.compile_colour()
         self.k = 0
 
     def __call__(self, v1, v2):

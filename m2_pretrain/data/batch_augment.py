@@ -16,10 +16,13 @@ number of loader workers, CPU and GPU runs see the same parameters, and a resume
 They go to the device as one small per-sample table (pinned, non-blocking; never a host sync).
 Every op then runs over the whole batch with fixed shapes and per-sample factors (kornia's
 split of drawing and applying): colour jitter is three blend passes before the hue rotation
-and three after it, in each sample's own op order, with identity factors (exact) for the
-samples whose op is elsewhere; hue, grayscale, blur and solarisation are selected per sample
-by exact 0/1 weights, a delta kernel or a threshold. Ops no sample of the batch needs are
-skipped (decided on the host). About 90 eager ops per view.
+and three after it, in each sample's own op order, each pass one per-sample 3 x 3 matrix over
+the channels (built on the host) with identity matrices (exact) for the samples whose op is
+elsewhere; hue, grayscale, blur and solarisation are selected per sample by exact 0/1 weights,
+a matrix, a delta kernel or a threshold. Eagerly, ops no sample of the batch needs are
+skipped (decided on the host): 54 aten ops per view at B = 256 (``benchmarks/op_count.py``).
+:meth:`BatchTwoViewAugment.compile_colour` runs every op through ``torch.compile`` instead
+(one graph for all parameters; 2 fused loops and the 2 blur convolutions on CPU).
 
 Colour ops work on float32 images in [0, 1] (torchvision's tensor conventions, fractional
 values kept between ops) and follow the PIL ops of ``torchvision.transforms.ColorJitter``:
@@ -188,6 +191,9 @@ def draw_view_params(cfg: ViewAugConfig, n: int, generator: torch.Generator) -> 
 
 
 # ----------------------------------------------------------------------------- ops
+# Reference ops, one per PIL op (the tests compare each with torchvision's PIL op); the batched
+# view below applies the same maths with per-sample matrices and shares the hue rotation and
+# the blur with these.
 def _bcast(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return f.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
@@ -223,32 +229,50 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     That op works in PIL's uint8 HSV: hue ``trunc(h * 255)`` on a circle of 255 levels,
     saturation ``trunc(s * 255)``, and it adds ``trunc(shift * 255)`` to the hue byte modulo
     256 (so a shift of 0.05 moves the hue by 12/255 of the circle). The same quantisation is
-    applied here, elementwise in float, so both pipelines draw the same hue distribution;
-    the value (max of R, G, B) is kept exactly.
+    applied here, in float, so both pipelines draw the same hue distribution; the value
+    (max of R, G, B) is kept exactly.
     """
-    step = torch.trunc(shift.to(torch.float64) * 255.0).to(x.dtype)
-    return _rotate_hue(x, step.to(x.device).view(-1, 1, 1))
+    step = _hue_steps(shift).to(x.dtype).to(x.device).view(-1, 1, 1)
+    diff, lut = (c.to(x.device) for c in _hue_constants())
+    return _rotate_hue(x.flatten(2), step, diff, lut).view_as(x)
 
 
-def _rotate_hue(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """:func:`adjust_hue` with the hue-byte step given, (B, 1, 1) (or broadcastable)."""
-    maxc, imax = x.max(dim=1)  # the first maximal channel: R before G before B, as PIL
-    delta = maxc - x.amin(dim=1)
-    # (max - c) / delta per channel (0 for grey pixels)
-    rgbc = (maxc.unsqueeze(1) - x) / delta.clamp_min(1e-30).unsqueeze(1)
-    # hue in sextants by max channel: R: bc - gc, G: 2 + rc - bc, B: 4 + gc - rc
-    diff = rgbc.roll(1, dims=1) - rgbc.roll(-1, dims=1)
-    h = diff.gather(1, imax.unsqueeze(1)).squeeze(1) + 2.0 * imax
+def _hue_steps(shift: torch.Tensor) -> torch.Tensor:
+    """Hue-byte steps ``trunc(shift * 255)`` offset by 256: the row of :func:`_hue_constants`'
+    table to start from (|shift| <= 0.5, as ``T.ColorJitter`` requires)."""
+    shift = shift.to(torch.float64)
+    if shift.abs().max() > 0.5:
+        raise ValueError(f"hue shifts must lie in [-0.5, 0.5], got {shift.abs().max():.3f}")
+    return torch.trunc(shift * 255.0) + 256.0
+
+
+def _hue_constants() -> tuple[torch.Tensor, torch.Tensor]:
+    """``diff`` (3, 3): row c gives channel c+1 minus channel c-1; ``lut`` (3, 768): the
+    weight of the chroma subtracted from the value in each channel for the hue byte
+    ``j mod 256`` (HSV to RGB: ``clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6 j / 255) mod 6``,
+    n = 5, 3, 1 for R, G, B). Three periods cover a hue byte (0..254) plus an offset step."""
+    diff = torch.tensor([[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]])
+    h6 = (torch.arange(768, dtype=torch.float64) % 256) * (6.0 / 255.0)
+    k = torch.remainder(h6 + torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64).view(3, 1), 6.0)
+    return diff, torch.minimum(k, 4.0 - k).clamp(0, 1).float()
+
+
+def _rotate_hue(y: torch.Tensor, step: torch.Tensor, diff: torch.Tensor,
+                lut: torch.Tensor) -> torch.Tensor:
+    """Hue rotation of (B, 3, N) images in [0, 1]: ``step`` (B, 1, 1) from :func:`_hue_steps`,
+    ``diff`` and ``lut`` from :func:`_hue_constants` on ``y``'s device."""
+    b, n = y.shape[0], y.shape[2]
+    maxc, imax = y.max(dim=1, keepdim=True)  # the first maximal channel: R before G, as PIL
+    delta = maxc - y.amin(dim=1, keepdim=True)
+    # hue in sextants: R max: (G - B) / delta, G: 2 + (B - R) / delta, B: 4 + (R - G) / delta
+    # (0 for grey pixels: the difference is 0 there too)
+    num = _mix(diff.expand(b, 3, 3), y).gather(1, imax)
+    h = torch.add(num / delta.clamp_min(1e-30), imax, alpha=2)
     h_byte = torch.floor(torch.remainder(h, 6.0) * (255.0 / 6.0))
+    w = lut.expand(b, 3, lut.shape[1]).gather(2, (h_byte + step).long().expand(b, 3, n))
     s_byte = torch.floor(delta / maxc.clamp_min(1e-30) * 255.0)
-    h6 = torch.remainder(h_byte + step, 256.0) * (6.0 / 255.0)
-    chroma = maxc * (s_byte / 255.0)
-    # back to RGB: each channel is v - chroma * clamp(min(k, 4 - k), 0, 1) with
-    # k = (n + h6) mod 6 (n = 5, 3, 1 for R, G, B); grey pixels (chroma 0) stay grey.
-    n = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    k = torch.remainder(h6.unsqueeze(1) + n, 6.0)
-    w = torch.minimum(k, 4.0 - k).clamp_(0, 1)
-    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), w, value=-1.0)
+    # each channel: v - chroma * w with chroma = v * s_byte / 255; grey pixels stay grey
+    return torch.addcmul(maxc, maxc * s_byte, w, value=-1.0 / 255.0)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -267,13 +291,17 @@ def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Separable blur of each sample with its own (k,) kernel, reflect padding (B, 3, H, W)."""
+    return _blur(x, kernels.to(x.dtype).repeat_interleave(x.shape[1], dim=0))
+
+
+def _blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """:func:`gaussian_blur` with the kernel of each (sample, channel) given, (B * C, k)."""
     bsz, ch, hgt, wid = x.shape
-    k = kernels.shape[1]
+    k = taps.shape[1]
     p = k // 2
-    wt = kernels.to(x.dtype).repeat_interleave(ch, dim=0)  # (B*C, k)
     y = F.pad(x.reshape(1, bsz * ch, hgt, wid), (p, p, p, p), mode="reflect")
-    y = F.conv2d(y, wt.view(bsz * ch, 1, 1, k), groups=bsz * ch)
-    y = F.conv2d(y, wt.view(bsz * ch, 1, k, 1), groups=bsz * ch)
+    y = F.conv2d(y, taps.view(bsz * ch, 1, 1, k), groups=bsz * ch)
+    y = F.conv2d(y, taps.view(bsz * ch, 1, k, 1), groups=bsz * ch)
     return y.view(bsz, ch, hgt, wid)
 
 
@@ -296,25 +324,38 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
 _SOLARIZE_THRESHOLD = 128 / 255
 _NEVER = 2.0  # a solarisation threshold no pixel reaches
 
+# Columns of the per-sample table (see :class:`ViewPlan`)
+_PASS = 18  # per blend pass: M (3 x 3), then A (3 x 3), row-major
+_STEP, _JIT, _GRAY, _SOL = 6 * _PASS, 6 * _PASS + 1, 6 * _PASS + 2, 6 * _PASS + 11
+_COLUMNS = _SOL + 1
+
 
 @dataclass
 class ViewPlan:
-    """Host-side plan of one view: a (B, F) float32 table of per-sample factors and which
-    passes run. Columns: for each of the 6 blend passes ``(f, a, b)`` with
-    ``y = f * x + a * mean_luma + b * luma``; the hue byte step; jitter, grayscale (0/1); the
-    solarisation threshold; then the blur kernel (a delta for samples without blur)."""
+    """Host-side plan of one view.
 
-    table: torch.Tensor
-    passes: list[tuple[int, bool]]  # (pass index, needs luma) of the blend passes that run
+    ``data`` is one flat float32 tensor (one upload): a (B, 120) table of per-sample factors,
+    then the blur taps (B * 3, k). Table columns:
+
+    * 6 blend passes ``y <- clamp(M y + A mean(y), 0, 1)`` with per-sample 3 x 3 matrices
+      over the channels (``mean`` over the pixels): brightness ``M = f I``; contrast
+      ``M = f I, A = (1 - f) 1 w^T`` (blend with the mean luma); saturation
+      ``M = f I + (1 - f) 1 w^T`` (blend with the per-pixel luma); identity ``M = I``;
+    * the hue step (:func:`_hue_steps`) and the jitter flag (0/1);
+    * the grayscale matrix (``1 w^T`` or ``I``, 3 x 3);
+    * the solarisation threshold (``_NEVER`` for samples without it).
+
+    ``passes`` and the flags say which passes and ops some sample of the batch needs (the
+    eager path skips the others; the compiled path runs all, with exact identity factors).
+    """
+
+    data: torch.Tensor
+    passes: list[int]
     hue: bool
     jitter_all: bool
     gray: bool
     blur: bool
     solarize: bool
-    kernel_size: int
-
-
-_HUE, _JIT, _GRAY, _SOL, _KER = 18, 19, 20, 21, 22
 
 
 def plan_view(p: ViewParams, kernel_size: int) -> ViewPlan:
@@ -323,80 +364,122 @@ def plan_view(p: ViewParams, kernel_size: int) -> ViewPlan:
     Colour jitter applies the four ops in each sample's order; hue sits at position
     ``q`` of it. Pass ``j < 3`` (before the hue) applies the op at position ``j`` to samples
     with ``j < q``; pass ``3 + j`` (after it) applies the op at position ``j + 1`` to samples
-    with ``j + 1 > q``; other samples get the identity ``(1, 0, 0)`` there, which is exact.
+    with ``j + 1 > q``; other samples get the identity (``M = I, A = 0``), which is exact.
     """
     n = len(p)
     jit = p.jitter
     hue_pos = (p.order == HUE).float().argmax(dim=1)
     factor = torch.stack([p.brightness, p.contrast, p.saturation], dim=1).double()  # (B, 3)
-    table = torch.zeros(n, _KER + kernel_size, dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)
+    rows_w = torch.tensor(_LUMA, dtype=torch.float64).expand(3, 3)  # every row: luma weights
+    table = torch.zeros(n, _COLUMNS, dtype=torch.float64)
     passes = []
     for i in range(6):
         pos = i if i < 3 else i - 2
         op = p.order[:, pos]
         active = jit & ((pos < hue_pos) if i < 3 else (pos > hue_pos))
         f = torch.where(active, factor.gather(1, op.clamp(max=2).view(-1, 1)).squeeze(1), 1.0)
-        table[:, 3 * i] = f
-        table[:, 3 * i + 1] = torch.where(active & (op == CONTRAST), 1.0 - f, 0.0)
-        table[:, 3 * i + 2] = torch.where(active & (op == SATURATION), 1.0 - f, 0.0)
+        a = torch.where(active & (op == CONTRAST), 1.0 - f, 0.0)
+        b = torch.where(active & (op == SATURATION), 1.0 - f, 0.0)
+        m = f.view(-1, 1, 1) * eye + b.view(-1, 1, 1) * rows_w
+        table[:, _PASS * i : _PASS * i + 9] = m.reshape(n, 9)
+        table[:, _PASS * i + 9 : _PASS * (i + 1)] = (a.view(-1, 1, 1) * rows_w).reshape(n, 9)
         if active.any():
-            passes.append((i, bool((active & (op != BRIGHTNESS)).any())))
-    table[:, _HUE] = torch.trunc(p.hue.double() * 255.0)
+            passes.append(i)
+    table[:, _STEP] = _hue_steps(p.hue)
     table[:, _JIT] = jit.double()
-    table[:, _GRAY] = p.gray.double()
+    table[:, _GRAY : _GRAY + 9] = torch.where(p.gray.view(-1, 1, 1), rows_w, eye).reshape(n, 9)
     table[:, _SOL] = torch.where(p.solarize, _SOLARIZE_THRESHOLD, _NEVER)
     delta = torch.zeros(kernel_size, dtype=torch.float64)
     delta[kernel_size // 2] = 1.0
     kernels = gaussian_kernels(p.sigma, kernel_size).double()
-    table[:, _KER:] = torch.where(p.blur.view(-1, 1), kernels, delta)
-    return ViewPlan(table.float(), passes, bool(jit.any()), bool(jit.all()), bool(p.gray.any()),
-                    bool(p.blur.any()), bool(p.solarize.any()), kernel_size)
+    taps = torch.where(p.blur.view(-1, 1), kernels, delta).repeat_interleave(3, dim=0)
+    data = torch.cat([table.flatten(), taps.flatten()]).float()
+    return ViewPlan(data, passes, bool(jit.any()), bool(jit.all()),
+                    bool(p.gray.any()), bool(p.blur.any()), bool(p.solarize.any()))
 
 
-def _col(t: torch.Tensor, i: int) -> torch.Tensor:
-    return t[:, i].view(-1, 1, 1, 1)
+def _mix(m: torch.Tensor, y: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample channel mixing ``m @ y (+ add)``: m (B, 3, 3), y (B, 3, N).
 
-
-def run_plan(x: torch.Tensor, plan: ViewPlan, luma_w: torch.Tensor) -> torch.Tensor:
-    """Apply a :class:`ViewPlan` to float images (B, 3, H, W) in [0, 1] on any device.
-
-    ``luma_w`` is the (1, 3, 1, 1) luma weight tensor on ``x``'s device.
+    Eager: one batched matmul. Compiled: the three products written out, which inductor fuses
+    with the neighbouring elementwise ops (a matmul would be a library call of its own).
     """
-    dev = x.device
-    t = plan.table
-    if dev.type == "cuda":
-        t = t.pin_memory()
-    t = t.to(dev, non_blocking=True)
-    y = x
-
-    def blend(y: torch.Tensor, i: int, needs_luma: bool) -> torch.Tensor:
-        out = y * _col(t, 3 * i)
-        if needs_luma:
-            lum = (y * luma_w).sum(dim=1, keepdim=True)
-            ref = torch.addcmul(lum.mean(dim=(2, 3), keepdim=True) * _col(t, 3 * i + 1),
-                                _col(t, 3 * i + 2), lum)
-            out = out.add_(ref)
-        return out.clamp_(0, 1)
-
-    hue_done = not plan.hue
-    for i, needs_luma in plan.passes:
-        if i >= 3 and not hue_done:  # between the passes before and after the hue
-            y, hue_done = _hue_step(y, t, plan), True
-        y = blend(y, i, needs_luma)
-    if not hue_done:
-        y = _hue_step(y, t, plan)
-    if plan.gray:
-        y = torch.lerp(y, (y * luma_w).sum(dim=1, keepdim=True), _col(t, _GRAY))
-    if plan.blur:
-        y = gaussian_blur(y, t[:, _KER:])
-    if plan.solarize:
-        y = torch.where(y >= _col(t, _SOL), 1.0 - y, y)
-    return y
+    if torch.compiler.is_compiling():
+        out = m[:, :, 0:1] * y[:, 0:1] + m[:, :, 1:2] * y[:, 1:2] + m[:, :, 2:3] * y[:, 2:3]
+        return out if add is None else out + add
+    return torch.bmm(m, y) if add is None else torch.baddbmm(add, m, y)
 
 
-def _hue_step(y: torch.Tensor, t: torch.Tensor, plan: ViewPlan) -> torch.Tensor:
-    rotated = _rotate_hue(y, t[:, _HUE].view(-1, 1, 1))
-    return rotated if plan.jitter_all else torch.lerp(y, rotated, _col(t, _JIT))
+def _mean_term(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``a @ mean(y)`` (B, 3, 1): the mean over the pixels, mixed by ``a`` (B, 3, 3), whose
+    rows are equal (``A`` of :class:`ViewPlan`). Compiled: one reduction per sample."""
+    if torch.compiler.is_compiling():
+        return (a[:, :1].transpose(1, 2) * y).sum(dim=(1, 2), keepdim=True) / y.shape[2]
+    return _mix(a, y.mean(dim=2, keepdim=True))
+
+
+def _mat(t: torch.Tensor, col: int) -> torch.Tensor:
+    return t[:, col : col + 9].view(-1, 3, 3)
+
+
+def _col(t: torch.Tensor, col: int) -> torch.Tensor:
+    return t[:, col : col + 1].view(-1, 1, 1)
+
+
+def colour_view(x: torch.Tensor, data: torch.Tensor, diff: torch.Tensor, lut: torch.Tensor,
+                scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                memory_format: Optional[torch.memory_format] = None,
+                plan: Optional[ViewPlan] = None) -> torch.Tensor:
+    """Apply a :class:`ViewPlan` (its ``data`` already on ``x``'s device) to a batch.
+
+    Args:
+        x: (B, 3, H, W) uint8 (scaled by 1/255) or float in [0, 1]; not modified.
+        data: ``plan.data`` on the device.
+        diff, lut: :func:`_hue_constants` on the device.
+        scale, shift: (1, 3, 1, 1) normalisation ``y * scale + shift``; None: none.
+        memory_format: of the result; None: as the last op gives it.
+        plan: the plan, to skip the passes and ops no sample needs; None runs every one,
+            with the same result (identity factors are exact): fixed code for
+            ``torch.compile``, whatever the parameters.
+
+    Returns:
+        The augmented (B, 3, H, W) float batch.
+    """
+    bsz, _, hgt, wid = x.shape
+    t = data[: bsz * _COLUMNS].view(bsz, _COLUMNS)
+    taps = data[bsz * _COLUMNS :].view(3 * bsz, -1)
+    every = plan is None
+
+    def hue(y: torch.Tensor) -> torch.Tensor:
+        rotated = _rotate_hue(y, _col(t, _STEP), diff, lut)
+        return rotated if not every and plan.jitter_all else torch.lerp(y, rotated, _col(t, _JIT))
+
+    y = (x * (1 / 255) if x.dtype == torch.uint8 else x).flatten(2)  # (B, 3, H * W)
+    passes = range(6) if every else plan.passes
+    hue_at = 3 if every else (min([i for i in passes if i >= 3] + [6]) if plan.hue else -1)
+    for i in passes:
+        if i == hue_at:
+            y = hue(y)
+        m, a = _mat(t, _PASS * i), _mat(t, _PASS * i + 9)
+        y = _mix(m, y, _mean_term(a, y)).clamp_(0, 1)
+    if hue_at == 6:
+        y = hue(y)
+    if every or plan.gray:
+        y = _mix(_mat(t, _GRAY), y)
+    y = y.view(bsz, 3, hgt, wid)
+    if every or plan.blur:
+        y = _blur(y, taps)
+    if every or plan.solarize:
+        y = torch.where(y >= t[:, _SOL].view(-1, 1, 1, 1), 1.0 - y, y)
+    if scale is not None:
+        if memory_format is not None and not torch.compiler.is_compiling():
+            # the last op writes the layout asked for
+            out = torch.empty(y.shape, dtype=y.dtype, device=y.device,
+                              memory_format=memory_format)
+            return torch.addcmul(shift, y, scale, out=out)
+        y = torch.addcmul(shift, y, scale)
+    return y if memory_format is None else y.contiguous(memory_format=memory_format)
 
 
 def apply_view(x: torch.Tensor, p: ViewParams, kernel_size: int) -> torch.Tensor:
@@ -412,8 +495,16 @@ def apply_view(x: torch.Tensor, p: ViewParams, kernel_size: int) -> torch.Tensor
     """
     if len(p) != x.shape[0]:
         raise ValueError(f"{len(p)} parameter sets for a batch of {x.shape[0]}")
-    luma_w = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1).to(x.device, non_blocking=True)
-    return run_plan(x, plan_view(p, kernel_size), luma_w)
+    plan = plan_view(p, kernel_size)
+    diff, lut = (c.to(x.device) for c in _hue_constants())
+    return colour_view(x, _upload(plan.data, x.device), diff, lut, plan=plan)
+
+
+def _upload(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host table to the device: pinned and non-blocking on CUDA (no host sync)."""
+    if device.type == "cuda":
+        data = data.pin_memory()
+    return data.to(device, non_blocking=True)
 
 
 class BatchTwoViewAugment(torch.nn.Module):
@@ -435,7 +526,18 @@ class BatchTwoViewAugment(torch.nn.Module):
         # normalisation in one op: y * scale + shift
         self.register_buffer("scale", (1 / s).float(), persistent=False)
         self.register_buffer("shift", (-m / s).float(), persistent=False)
-        self.register_buffer("luma_w", torch.tensor(_LUMA).view(1, 3, 1, 1), persistent=False)
+        diff, lut = _hue_constants()
+        self.register_buffer("hue_diff", diff, persistent=False)
+        self.register_buffer("hue_lut", lut, persistent=False)
+        self._compiled = None
+
+    def compile_colour(self, **compile_kwargs) -> "BatchTwoViewAugment":
+        """Run the colour part (everything after the uint8 upload) through ``torch.compile``
+        (``fullgraph=True``): every pass and op runs, with the same result as the eager path,
+        so new parameters reuse the compiled code (a new batch size compiles once more).
+        ``compile_kwargs`` go to ``torch.compile``. Returns ``self``."""
+        self._compiled = torch.compile(colour_view, fullgraph=True, **compile_kwargs)
+        return self
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[ViewParams, ViewParams]:
         """Student and teacher parameters for a batch of ``n``."""
@@ -447,8 +549,13 @@ class BatchTwoViewAugment(torch.nn.Module):
         """One view: uint8 (B, 3, H, W) (any layout) -> normalised float32 (B, 3, H, W)."""
         if len(p) != x.shape[0]:
             raise ValueError(f"{len(p)} parameter sets for a batch of {x.shape[0]}")
-        y = run_plan(x * (1 / 255), plan_view(p, self.kernel_size), self.luma_w)
-        return torch.addcmul(self.shift, y, self.scale).contiguous(memory_format=memory_format)
+        plan = plan_view(p, self.kernel_size)
+        data = _upload(plan.data, x.device)
+        args = (x, data, self.hue_diff, self.hue_lut, self.scale, self.shift, memory_format)
+        with torch.autocast(x.device.type, enabled=False):  # float32 matmuls and convolutions
+            if self._compiled is not None:
+                return self._compiled(*args)
+            return colour_view(*args, plan=plan)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor, generator: torch.Generator,
                 memory_format: torch.memory_format = torch.contiguous_format,
