@@ -246,3 +246,15 @@ def test_compiled_colour_equals_eager_without_recompiling():
         assert (d > 1e-5).float().mean() < 0.01, (d > 1e-5).float().mean()
         assert d.max() < 6 / 255 * 1.4 * 1.8 * 1.4 / 0.224, d.max()
     assert not torch.allclose(got[0], got[1], atol=0.1)
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_train_compile_compiles_the_device_colour_part(compile_):
+    """``train.compile`` reaches the device augmentation: its colour part is compiled too."""
+    from m2_pretrain.data.feed import TwoViewFeed
+
+    cfg = tiny_config(data={"augment_device": "cuda"}, train={"compile": compile_})
+    feed = TwoViewFeed(cfg, build_augmentation(cfg), torch.device("cpu"), 0, 1,
+                       torch.contiguous_format)
+    assert feed.augment_mode == "device"
+    assert (feed.batch_aug._compiled is not None) == compile_

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m2_detectron2.convert import ConversionError, convert_file, verify  # noqa: E402
 from m2_detectron2.safe_load import UnsafePickleError  # noqa: E402
-from m2_pretrain.engine.checkpoint import CheckpointError  # noqa: E402
+from m2_pretrain.checkpoint import CheckpointError  # noqa: E402
 
 
 def main() -> int:

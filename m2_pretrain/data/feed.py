@@ -58,6 +58,8 @@ class TwoViewFeed:
                                                               aug.student_cfg.flip_p))
             self.batch_aug = BatchTwoViewAugment(aug.student_cfg, aug.teacher_cfg, d.mean,
                                                  d.std).to(device)
+            if cfg.train.compile:  # the colour part as one graph, reused for every draw
+                self.batch_aug.compile_colour()
         else:
             base = build_dataset(d, d.split, aug)
         self.normalizer = Normalizer(d.mean, d.std).to(device)
