@@ -61,6 +61,10 @@ class OpCounter(TorchDispatchMode):
         return sum(self.ops.values())
 
 
+# ops that only allocate memory: no kernel launch on CUDA
+ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty"})
+
+
 def momentum_bn_ops(groups: int, views: int = 2, c: int = 16, n: int = 4) -> Counter:
     """Ops of one training forward of a Momentum BN layer (fused path) without gradient."""
     from m2_pretrain.layers import MomentumBatchNorm
@@ -75,6 +79,12 @@ def momentum_bn_ops(groups: int, views: int = 2, c: int = 16, n: int = 4) -> Cou
         if calls["stats"] == 0:
             raise RuntimeError("the fused path was not taken")
     return counter.ops
+
+
+def launches_and_allocations(ops: Counter) -> tuple[int, int]:
+    """(ops that launch a kernel on CUDA, ops that only allocate)."""
+    alloc = sum(n for k, n in ops.items() if k in ALLOCATIONS)
+    return sum(ops.values()) - alloc, alloc
 
 
 def augment_ops(batch: int = 256, res: int = 32) -> Counter:
@@ -102,8 +112,11 @@ def main(argv=None) -> None:
     out = {}
     for g in (1, 4, 8):
         ops = momentum_bn_ops(g)
-        out[f"momentum_bn_G{g}"] = {"total": sum(ops.values()), "ops": dict(ops)}
-        print(f"Momentum BN layer, 2 views, G={g}: {sum(ops.values())} ops  {dict(ops)}")
+        launches, alloc = launches_and_allocations(ops)
+        out[f"momentum_bn_G{g}"] = {"total": sum(ops.values()), "launches": launches,
+                                    "allocations": alloc, "ops": dict(ops)}
+        print(f"Momentum BN layer, 2 views, G={g}: {sum(ops.values())} ops = {launches} "
+              f"launches + {alloc} allocations  {dict(ops)}")
     ops = augment_ops()
     out["augment_view"] = {"total": sum(ops.values()), "ops": dict(ops)}
     print(f"device augmentation, one view: {sum(ops.values())} ops")

@@ -87,6 +87,14 @@ def elemt_out_kernel(x, weight, bias, mean, invstd, eps, *, out):  # noqa: ARG00
     return out.copy_(_elemt_values(x, weight, bias, mean, invstd))
 
 
+def elemt(x, weight, bias, mean, invstd, eps, out=None):
+    """Both ``batch_norm_elemt`` kernels as one function, with the op's signature: what the
+    tests pass to ``momentum_bn_train`` as ``elemt_fn`` (``stats_kernel`` as ``stats_fn``)."""
+    if out is None:
+        return elemt_kernel(x, weight, bias, mean, invstd, eps)
+    return elemt_out_kernel(x, weight, bias, mean, invstd, eps, out=out)
+
+
 @contextlib.contextmanager
 def cpu_bn_kernels() -> Iterator[dict]:
     """Register the CPU kernels; removed again on exit. Yields the call counters."""

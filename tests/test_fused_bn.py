@@ -1,10 +1,13 @@
-"""Momentum BN at plain-BN cost: the shared (V, G, C) math with CPU stand-ins of the CUDA
-kernels, against an independent plain implementation; the CUDA path (skipped without a GPU)."""
+"""Momentum BN at plain-BN cost: the fused path with CPU kernels injected or registered
+(tests/cpu_bn_kernels.py) and the composite, against an independent plain implementation; the
+CUDA path (skipped without a GPU)."""
 
 import pytest
 import torch
 
 from m2_pretrain.layers import fused_bn as FB
+
+import cpu_bn_kernels as K
 
 ALPHAS = [1.0, 0.7, 0.3, 0.05]
 
@@ -56,8 +59,7 @@ def _fresh_state(G, C):
 
 
 def _run_shared(x, V, G, rm, rv, alpha, w, b):
-    return FB.momentum_bn_train(x, V, G, rm, rv, alpha, w, b, 1e-5,
-                                FB.batch_norm_stats_cpu, FB.batch_norm_elemt_cpu)
+    return FB.momentum_bn_train(x, V, G, rm, rv, alpha, w, b, 1e-5, K.stats_kernel, K.elemt)
 
 
 @pytest.mark.parametrize("V,G,spatial,dtype,channels_last", [
@@ -122,11 +124,13 @@ def test_shape_errors_name_the_problem():
         _run_shared(x, 2, 3, torch.zeros(3), torch.ones(3), torch.tensor(1.0), None, None)
 
 
-def test_compiled_shared_math_no_graph_break_no_recompile_when_alpha_changes():
+def test_compiled_entry_is_the_composite_no_graph_break_no_recompile_when_alpha_changes():
+    """Compiled, the entry point traces the composite (one graph, α an input value) and gives
+    the fused path's results."""
     import torch._dynamo as dynamo
 
     V, G, C = 2, 2, 4
-    fn = torch.compile(_run_shared, backend="aot_eager", fullgraph=True)
+    fn = torch.compile(FB.momentum_bn_train_fused, backend="aot_eager", fullgraph=True)
     rm, rv = torch.zeros(G, C), torch.ones(G, C)
     rm_e, rv_e = rm.clone(), rv.clone()
     alpha = torch.tensor(1.0)
@@ -136,13 +140,14 @@ def test_compiled_shared_math_no_graph_break_no_recompile_when_alpha_changes():
         for k, a in enumerate(ALPHAS):
             alpha.fill_(a)
             x = _inputs(V, G, 3, C, (3, 3), k)
-            y = fn(x, V, G, rm, rv, alpha, w, b)
+            y = fn(x, V, G, rm, rv, alpha, w, b, 1e-5)
             want = _run_shared(x, V, G, rm_e, rv_e, alpha, w, b)
             torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(rm, rm_e, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(rv, rv_e, atol=1e-6, rtol=1e-6)
     # and a fresh alpha tensor with another value is a new input value, not a new graph
     with dynamo.config.patch(error_on_recompile=True):
-        fn(_inputs(V, G, 3, C, (3, 3), 9), V, G, rm, rv, torch.tensor(0.123), w, b)
+        fn(_inputs(V, G, 3, C, (3, 3), 9), V, G, rm, rv, torch.tensor(0.123), w, b, 1e-5)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -356,4 +361,4 @@ def test_fused_layer_ops_per_forward():
     for g in (1, 4):
         ops = momentum_bn_ops(g)
         assert ops["batch_norm_stats"] == ops["batch_norm_elemt"] == 2 * g
-        assert sum(ops.values()) == 4 * g + 9, ops
+        assert sum(ops.values()) == 4 * g + 8, ops
