@@ -88,6 +88,23 @@ def test_shared_math_equals_plain_over_iterations(V, G, spatial, dtype, channels
     assert rv.view(G, C)[:, 0].max() < 0.1  # the constant channel's variance decayed
 
 
+def test_mix_in_fp64_where_fp32_products_are_reduced_precision(monkeypatch):
+    """Where fp32 matrix products would run as TF32/bf16, the statistics mix runs in fp64 and
+    gives the same result."""
+    assert FB._ieee_matmul(torch.zeros(1))  # the default precision
+    V, G, C, eps = 2, 3, 5, 1e-5
+    w, b, rm, rv, rm_ref, rv_ref, alpha = _fresh_state(G, C)
+    monkeypatch.setattr(FB, "_ieee_matmul", lambda t: False)
+    for k, a in enumerate(ALPHAS):
+        alpha.fill_(a)
+        x = _inputs(V, G, 3, C, (4, 4), k)
+        y = _run_shared(x, V, G, rm, rv, alpha, w, b)
+        want = plain_momentum_bn(x, V, G, rm_ref, rv_ref, a, w, b, eps)
+        torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rv.double(), rv_ref, atol=1e-5, rtol=1e-5)
+        assert rm.dtype == rv.dtype == torch.float32
+
+
 def test_plain_fallback_is_differentiable_and_equal():
     V, G, C = 2, 2, 4
     x = _inputs(V, G, 3, C, (3, 3), 1).requires_grad_(True)
