@@ -1,7 +1,7 @@
 """Eager aten ops (non-view) per Momentum BN layer and per augmented view, counted on CPU.
 
-A ``TorchDispatchMode`` counts every aten op that is not a view; with the CUDA ops
-``batch_norm_stats`` / ``batch_norm_elemt`` given CPU kernels (``tests/cpu_bn_kernels.py``),
+A ``TorchDispatchMode`` counts every aten op that is not a view; with CPU kernels of CUDA's
+contract for ``batch_norm_update_stats`` / ``batch_norm_elemt`` (``tests/cpu_bn_kernels.py``),
 the Momentum BN layer runs its CUDA (fused) path, so the counts are the CUDA path's op
 counts. Each op is at most one kernel launch on CUDA (an ``empty_like`` is an allocation and
 launches nothing).

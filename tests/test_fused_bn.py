@@ -122,17 +122,6 @@ def test_plain_fallback_is_differentiable_and_equal():
     assert x.grad is not None and w.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_variance_from_invstd_with_the_stats_eps_is_exact_and_handles_zero():
-    var = torch.tensor([0.0, 1e-12, 1e-3, 1.0, 1e4])
-    invstd = torch.rsqrt(var + FB.STATS_EPS)  # what batch_norm_stats(x, STATS_EPS) returns
-    assert torch.isfinite(invstd).all()
-    got = invstd.pow(-2)
-    torch.testing.assert_close(got, var, rtol=1e-6, atol=1e-29)
-    # the eps-subtracting alternative gets a small variance badly wrong (cancellation)
-    lossy = torch.rsqrt(var + 1e-5).reciprocal().square() - 1e-5
-    assert (lossy[1] - var[1]).abs() / var[1] > 0.1
-
-
 def test_shape_errors_name_the_problem():
     x = torch.randn(6, 3, 2, 2)
     with pytest.raises(ValueError, match="2 views x 2 groups"):
@@ -220,9 +209,9 @@ def test_cuda_compiled_teacher_over_alpha_and_batch_size_equals_eager_fused():
 
 
 # ----------------------------------------------------------------------------- registered kernels
-# The real ops (torch.batch_norm_stats / batch_norm_elemt) with CPU kernels registered for the
-# test only (tests/cpu_bn_kernels.py): the fused path as it runs on CUDA, and torch.compile
-# over it.
+# The real ops (torch.batch_norm_update_stats / batch_norm_elemt) with CPU kernels registered
+# for the test only (tests/cpu_bn_kernels.py): the fused path as it runs on CUDA, and
+# torch.compile over it.
 import torch.nn as nn  # noqa: E402
 
 from m2_pretrain.layers import MomentumBatchNorm  # noqa: E402
@@ -241,8 +230,12 @@ def kernels():
 def test_registered_kernels_hold_the_cuda_contract(kernels):
     x = torch.randn(6, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     assert FB.fused_kernels_available(x)
-    mean, invstd = torch.batch_norm_stats(x, 1e-5)
-    assert mean.dtype == invstd.dtype == torch.float32 and mean.shape == (4,)
+    mean, var = torch.batch_norm_update_stats(x.bfloat16(), None, None, 0.0)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == (4,)  # not bf16
+    want_var, want_mean = torch.var_mean(x.bfloat16().double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(var.double(), want_var, atol=1e-6, rtol=1e-6)
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    invstd = torch.rsqrt(var + 1e-5)
     y = torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5)
     assert y.stride() == x.stride()
     want = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
@@ -257,9 +250,9 @@ def test_registered_kernels_hold_the_cuda_contract(kernels):
     with pytest.raises(RuntimeError, match="strides"):
         torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5,
                                out=torch.empty_like(x, dtype=torch.bfloat16))
-    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
-        torch.batch_norm_stats(x[:, :, ::2], 1e-5)
-    assert kernels["stats"] == 1 and kernels["elemt"] == 1
+    with pytest.raises(NotImplementedError, match="without running statistics"):
+        torch.batch_norm_update_stats(x, torch.zeros(4), torch.ones(4), 0.1)
+    assert kernels["stats"] == 2 and kernels["elemt"] == 1
 
 
 @pytest.mark.parametrize("V,G,spatial,dtype,channels_last", [
@@ -284,6 +277,18 @@ def test_fused_entry_with_real_ops_equals_plain(kernels, V, G, spatial, dtype, c
         torch.testing.assert_close(rm.view(G, C).double(), rm_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(rv.view(G, C).double(), rv_ref, atol=1e-5, rtol=1e-5)
     assert kernels["stats"] == kernels["elemt"] == V * G * len(ALPHAS)
+
+
+def test_fp64_input_takes_the_composite(kernels):
+    V, G, C = 2, 2, 3
+    w, b, rm, rv, rm_ref, rv_ref, alpha = _fresh_state(G, C)
+    alpha.fill_(0.6)
+    x = _inputs(V, G, 3, C, (2, 2), 1, torch.float64)
+    with torch.no_grad():
+        y = FB.momentum_bn_train_fused(x, V, G, rm, rv, alpha, w, b, 1e-5)
+    assert kernels["stats"] == kernels["elemt"] == 0 and y.dtype == torch.float64
+    want = plain_momentum_bn(x, V, G, rm_ref, rv_ref, 0.6, w, b, 1e-5)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
 
 
 class PlainLayer(nn.Module):
@@ -368,14 +373,14 @@ def test_module_fused_branch_equals_plain_and_compiles_over_alpha_and_batch_size
 
 
 def test_fused_layer_ops_per_forward():
-    """2 kernels per (view, group) slice plus 9 small ops (one of them an allocation)."""
+    """2 kernels per (view, group) slice plus 7 small ops (one of them an allocation)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from op_count import momentum_bn_ops
+    from op_count import launches_and_allocations, momentum_bn_ops
 
     for g in (1, 4):
         ops = momentum_bn_ops(g)
-        assert ops["batch_norm_stats"] == ops["batch_norm_elemt"] == 2 * g
-        assert sum(ops.values()) == 4 * g + 8, ops
+        assert ops["batch_norm_update_stats"] == ops["batch_norm_elemt"] == 2 * g
+        assert launches_and_allocations(ops) == (4 * g + 6, 1), ops

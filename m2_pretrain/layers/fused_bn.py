@@ -3,13 +3,15 @@
 * :func:`momentum_bn_train_composite` is the math as written in docs/method.md, in fp32
   whatever the input dtype. It is differentiable, runs on any device, and under
   ``torch.compile`` inductor fuses it with the neighbouring ops.
-* :func:`momentum_bn_train` is the eager fast path, built on the two kernels ``SyncBatchNorm``
-  uses: ``torch.batch_norm_stats`` (fp32 mean and inverse std of a low-precision, contiguous
-  or channels_last batch in one pass) and ``torch.batch_norm_elemt`` (one normalising pass that
-  writes the input dtype). Per (view, group) slice of the batch: one statistics pass and one
-  normalising pass; the momentum mix, the lazy running-statistics update and ``+ eps`` are one
-  small batched matrix product. No fp32 copy of the activation is made; alpha stays a tensor
-  (no host sync). The kernels are arguments, so tests can pass CPU ones.
+* :func:`momentum_bn_train` is the eager fast path, built on native batch-norm kernels:
+  ``torch.batch_norm_update_stats`` without running statistics (on CUDA the Welford pass of
+  ``torch.batch_norm_stats``, returning the fp32 mean and biased variance of a low-precision,
+  contiguous or channels_last batch) and ``torch.batch_norm_elemt`` (``SyncBatchNorm``'s one
+  normalising pass, written in the input dtype). Per (view, group) slice of the batch: one
+  statistics pass and one normalising pass; the momentum mix, the lazy running-statistics
+  update and ``+ eps`` are one small batched matrix product. No fp32 copy of the activation
+  is made; alpha stays a tensor (no host sync). The kernels are arguments, so tests can pass
+  CPU ones.
 * :func:`momentum_bn_train_fused` chooses: the fast path where the kernels exist and no
   gradient is needed, the composite otherwise and under ``torch.compile``.
 
@@ -29,7 +31,7 @@ import torch
 from .memory import memory_format_of
 
 Tensor = torch.Tensor
-StatsFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
+StatsFn = Callable[[Tensor, Optional[Tensor], Optional[Tensor], float], tuple[Tensor, Tensor]]
 ElemtFn = Callable[..., Tensor]
 
 
@@ -75,12 +77,6 @@ def momentum_bn_train_composite(x: Tensor, num_views: int, num_groups: int,
 
 
 # ----------------------------------------------------------------------------- fused
-# A tiny eps for the statistics pass: ``invstd ** -2`` is then the biased variance to fp32
-# precision (plus 1e-30), and a constant channel gives a finite invstd (variance ~1e-30)
-# instead of a 0 that would need its own case.
-STATS_EPS = 1e-30
-
-
 @functools.lru_cache(maxsize=None)
 def _mixing(num_views: int, num_groups: int, eps: float,
             device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,32 +114,30 @@ def _ieee_matmul(t: Tensor) -> bool:
 def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor,
                       running_var: Tensor, alpha: Tensor, weight: Optional[Tensor],
                       bias: Optional[Tensor], eps: float,
-                      stats_fn: StatsFn = torch.batch_norm_stats,
+                      stats_fn: StatsFn = torch.batch_norm_update_stats,
                       elemt_fn: ElemtFn = torch.batch_norm_elemt) -> Tensor:
     """Momentum BN training forward on the two fused kernels (arguments as
     :func:`momentum_bn_train_fused`; see the module docstring).
 
-    ``stats_fn(slice, eps) -> (mean, invstd)`` and ``elemt_fn(slice, weight, bias, mean,
-    invstd, eps, out=...)`` have the signatures of ``torch.batch_norm_stats`` /
-    ``torch.batch_norm_elemt``. Not differentiable through ``x`` (the teacher runs under
-    ``no_grad``); the running statistics are updated in place.
+    ``stats_fn(slice, None, None, momentum) -> (mean, var)`` and ``elemt_fn(slice, weight,
+    bias, mean, invstd, eps, out=...)`` have the signatures of
+    ``torch.batch_norm_update_stats`` / ``torch.batch_norm_elemt``. Not differentiable through
+    ``x`` (the teacher runs under ``no_grad``); the running statistics are updated in place.
 
-    Launches for K = V * G slices: K statistics passes, K normalising passes and 6 small ones:
-    one concatenation of the slices' (mean, invstd) with the running statistics, the
-    variance from invstd, the mixing matrix from alpha, one batched product giving every
-    slice's mixed (mean, var + eps) and the new running statistics, ``rsqrt``, and one
-    ``_foreach_copy_`` into the running buffers. With K > 1 the output is allocated once
-    (no launch).
+    Launches for K = V * G slices: K statistics passes, K normalising passes and 5 small ones:
+    one concatenation of the slices' (mean, var) with the running statistics, the mixing
+    matrix from alpha, one batched product giving every slice's mixed (mean, var + eps) and
+    the new running statistics, ``rsqrt``, and one ``_foreach_copy_`` into the running
+    buffers. With K > 1 the output is allocated once (no launch).
     """
     n = _check(x, num_views, num_groups, running_mean)
     v, g, c = num_views, num_groups, x.shape[1]
     k = v * g
     parts = [x[i * n : (i + 1) * n] for i in range(k)]
-    stats = [stats_fn(p, STATS_EPS) for p in parts]
+    stats = [stats_fn(p, None, None, 0.0) for p in parts]  # fp32 (mean, biased var)
     rm, rv = running_mean.view(g, c), running_var.view(g, c)
     table = torch.cat([s[0][None] for s in stats] + [rm] + [s[1][None] for s in stats] + [rv])
     table = table.view(2, k + g, c)
-    table[1, :k].pow_(-2)  # batch variance (+1e-30)
     m0, m1, e = _mixing(v, g, float(eps), x.device)
     mix = torch.lerp(m0, m1, alpha).expand(2, k + g, k + g)
     if _ieee_matmul(table):
@@ -161,12 +155,12 @@ def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: 
 
 
 # ----------------------------------------------------------------------------- dispatch
-_FUSED_OPS = ("aten::batch_norm_stats", "aten::batch_norm_elemt", "aten::batch_norm_elemt.out")
+_FUSED_OPS = ("aten::batch_norm_elemt", "aten::batch_norm_elemt.out")
 
 
 def fused_kernels_available(x: Tensor) -> bool:
-    """Whether ``x``'s device has ``batch_norm_stats`` and ``batch_norm_elemt`` kernels (CUDA
-    always; the CPU only when registered, as the tests do)."""
+    """Whether ``x``'s device has the ``batch_norm_elemt`` kernels (CUDA always; the CPU only
+    when registered, as the tests do, with a ``batch_norm_update_stats`` of CUDA's contract)."""
     if x.is_cuda:
         return True
     key = x.device.type.upper()
@@ -191,16 +185,17 @@ def momentum_bn_train_fused(x: Tensor, num_views: int, num_groups: int, running_
     Returns:
         The normalised batch, same shape, dtype and memory format as ``x``.
 
-    :func:`momentum_bn_train` (one ``batch_norm_stats`` and one ``batch_norm_elemt`` pass per
-    (view, group) slice) runs when ``x``'s device has the kernels
-    (:func:`fused_kernels_available`) and no gradient is needed (neither M2's teacher nor
-    MoCo's key encoder needs one: both run under ``no_grad``).
+    :func:`momentum_bn_train` (one statistics and one ``batch_norm_elemt`` pass per (view,
+    group) slice) runs when ``x``'s device has the kernels (:func:`fused_kernels_available`),
+    ``x`` is not fp64 and no gradient is needed (neither M2's teacher nor MoCo's key encoder
+    needs one: both run under ``no_grad``).
     :func:`momentum_bn_train_composite` runs otherwise, and under ``torch.compile``, where
     inductor fuses it with the neighbouring ops (the two kernels have no fake kernels).
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
-    if torch.compiler.is_compiling() or needs_grad or not fused_kernels_available(x):
+    if (torch.compiler.is_compiling() or needs_grad or x.dtype == torch.float64
+            or not fused_kernels_available(x)):
         return momentum_bn_train_composite(x, num_views, num_groups, running_mean, running_var,
                                            alpha, weight, bias, eps)
     return momentum_bn_train(x, num_views, num_groups, running_mean, running_var, alpha, weight,
