@@ -9,7 +9,7 @@
   contiguous or channels_last batch) and ``torch.batch_norm_elemt`` (``SyncBatchNorm``'s one
   normalising pass, written in the input dtype). Per (view, group) slice of the batch: one
   statistics pass and one normalising pass; the momentum mix, the lazy running-statistics
-  update and ``+ eps`` are one small batched matrix product. No fp32 copy of the activation
+  update and ``+ eps`` are one small matrix product. No fp32 copy of the activation
   is made; alpha stays a tensor (no host sync). The kernels are arguments, so tests can pass
   CPU ones.
 * :func:`momentum_bn_train_fused` chooses: the fast path where the kernels exist and no
@@ -79,12 +79,14 @@ def momentum_bn_train_composite(x: Tensor, num_views: int, num_groups: int,
 # ----------------------------------------------------------------------------- fused
 @functools.lru_cache(maxsize=None)
 def _mixing(num_views: int, num_groups: int, eps: float,
-            device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Constants of the statistics mix as one batched product ``out = M(alpha) @ T + E``.
+            device: torch.device) -> tuple[Tensor, Tensor]:
+    """Constants of the statistics mix as one matrix product ``out = M(alpha) @ T``.
 
-    ``T`` (2, K + G, C) holds [mean | variance] rows: the K = V * G slices' batch statistics,
-    then the G running rows. ``out`` (2, K + G, C) holds the K slices' mixed statistics (``+ eps``
-    on the variance), then the G new running rows. ``M(alpha) = lerp(M0, M1, alpha)``:
+    ``T`` (2R + 1, C), R = K + G, holds the K = V * G slices' batch means, the G running
+    means, the K batch variances, the G running variances and a row of ones. ``out`` (2R, C)
+    holds the K slices' mixed means, the G new running means, the K slices' mixed variances
+    ``+ eps`` (from the ones row) and the G new running variances.
+    ``M(alpha) = lerp(M0, M1, alpha)``, the same block for means and variances:
 
     * slice k = (v, g): ``M0`` picks running row g, ``M1`` picks batch row k;
     * running row g: ``M0`` keeps it, ``M1`` averages batch rows (v, g) over the V views.
@@ -92,16 +94,20 @@ def _mixing(num_views: int, num_groups: int, eps: float,
     Built with device factories (no copy from the host).
     """
     v, g, k = num_views, num_groups, num_views * num_groups
-    eye_k = torch.eye(k, device=device)
     eye_g = torch.eye(g, device=device)
     pick_group = eye_g.repeat(v, 1)  # (K, G): slice k belongs to group k % G
     zeros = functools.partial(torch.zeros, device=device)
     m0 = torch.cat([torch.cat([zeros(k, k), pick_group], 1), torch.cat([zeros(g, k), eye_g], 1)])
-    m1 = torch.cat([torch.cat([eye_k, zeros(k, g)], 1),
+    m1 = torch.cat([torch.cat([torch.eye(k, device=device), zeros(k, g)], 1),
                     torch.cat([pick_group.t() / v, zeros(g, g)], 1)])
-    e = zeros(2, k + g, 1)
-    e[1, :k] = eps
-    return m0, m1, e
+    eps_col = zeros(2 * (k + g), 1)
+    eps_col[k + g : 2 * k + g] = eps  # the mixed variances only
+    return tuple(torch.cat([torch.block_diag(m, m), eps_col], 1) for m in (m0, m1))
+
+
+@functools.lru_cache(maxsize=None)
+def _ones(c: int, device: torch.device) -> Tensor:
+    return torch.ones(1, c, device=device)
 
 
 def _ieee_matmul(t: Tensor) -> bool:
@@ -126,9 +132,10 @@ def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: 
 
     Launches for K = V * G slices: K statistics passes, K normalising passes and 5 small ones:
     one concatenation of the slices' (mean, var) with the running statistics, the mixing
-    matrix from alpha, one batched product giving every slice's mixed (mean, var + eps) and
-    the new running statistics, ``rsqrt``, and one ``_foreach_copy_`` into the running
-    buffers. With K > 1 the output is allocated once (no launch).
+    matrix from alpha, one matrix product (no added input, so no copy before the GEMM) giving
+    every slice's mixed (mean, var + eps) and the new running statistics, ``rsqrt``, and one
+    ``_foreach_copy_`` into the running buffers. With K > 1 the output is allocated once (no
+    launch).
     """
     n = _check(x, num_views, num_groups, running_mean)
     v, g, c = num_views, num_groups, x.shape[1]
@@ -136,16 +143,17 @@ def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: 
     parts = [x[i * n : (i + 1) * n] for i in range(k)]
     stats = [stats_fn(p, None, None, 0.0) for p in parts]  # fp32 (mean, biased var)
     rm, rv = running_mean.view(g, c), running_var.view(g, c)
-    table = torch.cat([s[0][None] for s in stats] + [rm] + [s[1][None] for s in stats] + [rv])
-    table = table.view(2, k + g, c)
-    m0, m1, e = _mixing(v, g, float(eps), x.device)
-    mix = torch.lerp(m0, m1, alpha).expand(2, k + g, k + g)
+    table = torch.cat([s[0][None] for s in stats] + [rm] + [s[1][None] for s in stats]
+                      + [rv, _ones(c, x.device)])  # (2R + 1, C), R = K + G
+    m0, m1 = _mixing(v, g, float(eps), x.device)
+    mix = torch.lerp(m0, m1, alpha)
     if _ieee_matmul(table):
-        out = torch.baddbmm(e, mix, table)  # (2, K + G, C)
+        out = torch.mm(mix, table)  # (2R, C)
     else:  # reduced-precision fp32 products would cost the statistics their precision
-        out = torch.baddbmm(e.double(), mix.double(), table.double()).float()
-    torch._foreach_copy_([rm, rv], [out[0, k:], out[1, k:]])  # the lazy update
-    mean, invstd = out[0, :k], out[1, :k].rsqrt_()
+        out = torch.mm(mix.double(), table.double()).float()
+    r = k + g
+    torch._foreach_copy_([rm, rv], [out[k:r], out[r + k :]])  # the lazy update
+    mean, invstd = out[:k], out[r : r + k].rsqrt_()
     if k == 1:
         return elemt_fn(x, weight, bias, mean[0], invstd[0], eps)
     y = torch.empty_like(x)  # same memory format as x

@@ -21,9 +21,9 @@ Semantics (the authors' behaviour without two of its defects, see docs/method.md
   hold) are updated lazily from the mean of that group's views. Eval mode uses group 0's
   (rank 0's) statistics. With ``G == 1`` the buffers keep shape ``(C,)``.
 * The training forward is ``m2_pretrain.layers.fused_bn.momentum_bn_train_fused``: in eager
-  mode on CUDA (any device with the ``batch_norm_stats``/``batch_norm_elemt`` kernels) and
-  without gradient the fused kernels, else (CPU, ``torch.compile``, a gradient) the composite
-  math, which inductor fuses with the neighbouring ops.
+  mode on CUDA (any device with the ``batch_norm_elemt`` kernels) and without gradient the
+  fused kernels, else (CPU, ``torch.compile``, a gradient, fp64) the composite math, which
+  inductor fuses with the neighbouring ops.
 """
 
 from __future__ import annotations
@@ -118,9 +118,8 @@ class MomentumBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"MomentumBatchNorm expected input (B, {self.num_features}, ...), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"MomentumBatchNorm expected input (B, {self.num_features}, ...), "
+                             f"got {tuple(x.shape)}")
         if not self.training:  # group 0's statistics: what rank 0 saves
             return self._eval_forward(x)
         y = momentum_bn_train_fused(x, self.num_views, self.num_groups, self.running_mean,
