@@ -1,5 +1,6 @@
-"""CPU kernels for ``aten::batch_norm_elemt`` (and ``.out``) and ``aten::batch_norm_update_stats``,
-registered with ``torch.library`` for the duration of a ``with`` block.
+"""CPU kernels for ``aten::batch_norm_elemt`` (and ``.out``) and
+``aten::batch_norm_update_stats``, registered with ``torch.library`` for the duration of a
+``with`` block.
 
 PyTorch ships ``batch_norm_elemt`` for CUDA only (``SyncBatchNorm``'s kernel), and its CPU
 ``batch_norm_update_stats`` returns the input's dtype where CUDA's returns fp32. Registered on
