@@ -1,10 +1,13 @@
-"""Momentum BN at plain-BN cost: the shared (V, G, C) math with CPU stand-ins of the CUDA
-kernels, against an independent plain implementation; the CUDA path (skipped without a GPU)."""
+"""Momentum BN at plain-BN cost: the fused path with CPU kernels injected or registered
+(tests/cpu_bn_kernels.py) and the composite, against an independent plain implementation; the
+CUDA path (skipped without a GPU)."""
 
 import pytest
 import torch
 
 from m2_pretrain.layers import fused_bn as FB
+
+import cpu_bn_kernels as K
 
 ALPHAS = [1.0, 0.7, 0.3, 0.05]
 
@@ -56,8 +59,7 @@ def _fresh_state(G, C):
 
 
 def _run_shared(x, V, G, rm, rv, alpha, w, b):
-    return FB.momentum_bn_train(x, V, G, rm, rv, alpha, w, b, 1e-5,
-                                FB.batch_norm_stats_cpu, FB.batch_norm_elemt_cpu)
+    return FB.momentum_bn_train(x, V, G, rm, rv, alpha, w, b, 1e-5, K.stats_kernel, K.elemt)
 
 
 @pytest.mark.parametrize("V,G,spatial,dtype,channels_last", [
@@ -86,6 +88,23 @@ def test_shared_math_equals_plain_over_iterations(V, G, spatial, dtype, channels
     assert rv.view(G, C)[:, 0].max() < 0.1  # the constant channel's variance decayed
 
 
+def test_mix_in_fp64_where_fp32_products_are_reduced_precision(monkeypatch):
+    """Where fp32 matrix products would run as TF32/bf16, the statistics mix runs in fp64 and
+    gives the same result."""
+    assert FB._ieee_matmul(torch.zeros(1))  # the default precision
+    V, G, C, eps = 2, 3, 5, 1e-5
+    w, b, rm, rv, rm_ref, rv_ref, alpha = _fresh_state(G, C)
+    monkeypatch.setattr(FB, "_ieee_matmul", lambda t: False)
+    for k, a in enumerate(ALPHAS):
+        alpha.fill_(a)
+        x = _inputs(V, G, 3, C, (4, 4), k)
+        y = _run_shared(x, V, G, rm, rv, alpha, w, b)
+        want = plain_momentum_bn(x, V, G, rm_ref, rv_ref, a, w, b, eps)
+        torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rv.double(), rv_ref, atol=1e-5, rtol=1e-5)
+        assert rm.dtype == rv.dtype == torch.float32
+
+
 def test_plain_fallback_is_differentiable_and_equal():
     V, G, C = 2, 2, 4
     x = _inputs(V, G, 3, C, (3, 3), 1).requires_grad_(True)
@@ -103,17 +122,6 @@ def test_plain_fallback_is_differentiable_and_equal():
     assert x.grad is not None and w.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_variance_from_invstd_with_the_stats_eps_is_exact_and_handles_zero():
-    var = torch.tensor([0.0, 1e-12, 1e-3, 1.0, 1e4])
-    invstd = torch.rsqrt(var + FB.STATS_EPS)  # what batch_norm_stats(x, STATS_EPS) returns
-    assert torch.isfinite(invstd).all()
-    got = invstd.pow(-2)
-    torch.testing.assert_close(got, var, rtol=1e-6, atol=1e-29)
-    # the eps-subtracting alternative gets a small variance badly wrong (cancellation)
-    lossy = torch.rsqrt(var + 1e-5).reciprocal().square() - 1e-5
-    assert (lossy[1] - var[1]).abs() / var[1] > 0.1
-
-
 def test_shape_errors_name_the_problem():
     x = torch.randn(6, 3, 2, 2)
     with pytest.raises(ValueError, match="2 views x 2 groups"):
@@ -122,11 +130,13 @@ def test_shape_errors_name_the_problem():
         _run_shared(x, 2, 3, torch.zeros(3), torch.ones(3), torch.tensor(1.0), None, None)
 
 
-def test_compiled_shared_math_no_graph_break_no_recompile_when_alpha_changes():
+def test_compiled_entry_is_the_composite_no_graph_break_no_recompile_when_alpha_changes():
+    """Compiled, the entry point traces the composite (one graph, α an input value) and gives
+    the fused path's results."""
     import torch._dynamo as dynamo
 
     V, G, C = 2, 2, 4
-    fn = torch.compile(_run_shared, backend="aot_eager", fullgraph=True)
+    fn = torch.compile(FB.momentum_bn_train_fused, backend="aot_eager", fullgraph=True)
     rm, rv = torch.zeros(G, C), torch.ones(G, C)
     rm_e, rv_e = rm.clone(), rv.clone()
     alpha = torch.tensor(1.0)
@@ -136,13 +146,14 @@ def test_compiled_shared_math_no_graph_break_no_recompile_when_alpha_changes():
         for k, a in enumerate(ALPHAS):
             alpha.fill_(a)
             x = _inputs(V, G, 3, C, (3, 3), k)
-            y = fn(x, V, G, rm, rv, alpha, w, b)
+            y = fn(x, V, G, rm, rv, alpha, w, b, 1e-5)
             want = _run_shared(x, V, G, rm_e, rv_e, alpha, w, b)
             torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(rm, rm_e, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(rv, rv_e, atol=1e-6, rtol=1e-6)
     # and a fresh alpha tensor with another value is a new input value, not a new graph
     with dynamo.config.patch(error_on_recompile=True):
-        fn(_inputs(V, G, 3, C, (3, 3), 9), V, G, rm, rv, torch.tensor(0.123), w, b)
+        fn(_inputs(V, G, 3, C, (3, 3), 9), V, G, rm, rv, torch.tensor(0.123), w, b, 1e-5)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -198,9 +209,9 @@ def test_cuda_compiled_teacher_over_alpha_and_batch_size_equals_eager_fused():
 
 
 # ----------------------------------------------------------------------------- registered kernels
-# The real ops (torch.batch_norm_stats / batch_norm_elemt) with CPU kernels registered for the
-# test only (tests/cpu_bn_kernels.py): the fused path as it runs on CUDA, and torch.compile
-# over it.
+# The real ops (torch.batch_norm_update_stats / batch_norm_elemt) with CPU kernels registered
+# for the test only (tests/cpu_bn_kernels.py): the fused path as it runs on CUDA, and
+# torch.compile over it.
 import torch.nn as nn  # noqa: E402
 
 from m2_pretrain.layers import MomentumBatchNorm  # noqa: E402
@@ -219,8 +230,12 @@ def kernels():
 def test_registered_kernels_hold_the_cuda_contract(kernels):
     x = torch.randn(6, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     assert FB.fused_kernels_available(x)
-    mean, invstd = torch.batch_norm_stats(x, 1e-5)
-    assert mean.dtype == invstd.dtype == torch.float32 and mean.shape == (4,)
+    mean, var = torch.batch_norm_update_stats(x.bfloat16(), None, None, 0.0)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == (4,)  # not bf16
+    want_var = torch.var(x.bfloat16().double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(var.double(), want_var, atol=1e-6, rtol=1e-6)
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    invstd = torch.rsqrt(var + 1e-5)
     y = torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5)
     assert y.stride() == x.stride()
     want = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
@@ -235,9 +250,9 @@ def test_registered_kernels_hold_the_cuda_contract(kernels):
     with pytest.raises(RuntimeError, match="strides"):
         torch.batch_norm_elemt(x, None, None, mean, invstd, 1e-5,
                                out=torch.empty_like(x, dtype=torch.bfloat16))
-    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
-        torch.batch_norm_stats(x[:, :, ::2], 1e-5)
-    assert kernels["stats"] == 1 and kernels["elemt"] == 1
+    with pytest.raises(NotImplementedError, match="without running statistics"):
+        torch.batch_norm_update_stats(x, torch.zeros(4), torch.ones(4), 0.1)
+    assert kernels["stats"] == 2 and kernels["elemt"] == 1
 
 
 @pytest.mark.parametrize("V,G,spatial,dtype,channels_last", [
@@ -262,6 +277,18 @@ def test_fused_entry_with_real_ops_equals_plain(kernels, V, G, spatial, dtype, c
         torch.testing.assert_close(rm.view(G, C).double(), rm_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(rv.view(G, C).double(), rv_ref, atol=1e-5, rtol=1e-5)
     assert kernels["stats"] == kernels["elemt"] == V * G * len(ALPHAS)
+
+
+def test_fp64_input_takes_the_composite(kernels):
+    V, G, C = 2, 2, 3
+    w, b, rm, rv, rm_ref, rv_ref, alpha = _fresh_state(G, C)
+    alpha.fill_(0.6)
+    x = _inputs(V, G, 3, C, (2, 2), 1, torch.float64)
+    with torch.no_grad():
+        y = FB.momentum_bn_train_fused(x, V, G, rm, rv, alpha, w, b, 1e-5)
+    assert kernels["stats"] == kernels["elemt"] == 0 and y.dtype == torch.float64
+    want = plain_momentum_bn(x, V, G, rm_ref, rv_ref, 0.6, w, b, 1e-5)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
 
 
 class PlainLayer(nn.Module):
@@ -346,14 +373,14 @@ def test_module_fused_branch_equals_plain_and_compiles_over_alpha_and_batch_size
 
 
 def test_fused_layer_ops_per_forward():
-    """2 kernels per (view, group) slice plus 9 small ops (one of them an allocation)."""
+    """2 kernels per (view, group) slice plus 7 small ops (one of them an allocation)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from op_count import momentum_bn_ops
+    from op_count import launches_and_allocations, momentum_bn_ops
 
     for g in (1, 4):
         ops = momentum_bn_ops(g)
-        assert ops["batch_norm_stats"] == ops["batch_norm_elemt"] == 2 * g
-        assert sum(ops.values()) == 4 * g + 9, ops
+        assert ops["batch_norm_update_stats"] == ops["batch_norm_elemt"] == 2 * g
+        assert launches_and_allocations(ops) == (4 * g + 6, 1), ops

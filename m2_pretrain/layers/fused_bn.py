@@ -1,15 +1,19 @@
-"""Momentum BN training forward at plain-BN cost on CUDA.
+"""Momentum BN training forward: one readable composite and one fused CUDA path.
 
-Built on the two kernels ``SyncBatchNorm`` uses: ``torch.batch_norm_stats`` (fp32 mean and
-inverse std of a low-precision, contiguous or channels_last batch in one pass) and
-``torch.batch_norm_elemt`` (one normalising pass that writes the input dtype). Per
-(view, group) slice of the batch: one statistics pass, one normalising pass; the momentum mix
-and the lazy running-statistics update are a few small (2, V, G, C) fp32 tensor ops. No fp32
-copy of the activation is made, alpha stays a tensor (no host sync). Under ``torch.compile``
-the layer uses its composite math instead, which inductor fuses with the neighbouring ops.
-
-The kernels are injected (``stats_fn``/``elemt_fn``), so the whole function also runs on CPU
-with the stand-ins below: that is how the shared math is tested without a GPU.
+* :func:`momentum_bn_train_composite` is the math as written in docs/method.md, in fp32
+  whatever the input dtype. It is differentiable, runs on any device, and under
+  ``torch.compile`` inductor fuses it with the neighbouring ops.
+* :func:`momentum_bn_train` is the eager fast path, built on native batch-norm kernels:
+  ``torch.batch_norm_update_stats`` without running statistics (on CUDA the Welford pass of
+  ``torch.batch_norm_stats``, returning the fp32 mean and biased variance of a low-precision,
+  contiguous or channels_last batch) and ``torch.batch_norm_elemt`` (``SyncBatchNorm``'s one
+  normalising pass, written in the input dtype). Per (view, group) slice of the batch: one
+  statistics pass and one normalising pass; the momentum mix, the lazy running-statistics
+  update and ``+ eps`` are one small matrix product. No fp32 copy of the activation
+  is made; alpha stays a tensor (no host sync). The kernels are arguments, so tests can pass
+  CPU ones.
+* :func:`momentum_bn_train_fused` chooses: the fast path where the kernels exist and no
+  gradient is needed, the composite otherwise and under ``torch.compile``.
 
 Semantics (docs/method.md, "Momentum BN"): the batch is ``[view][group][sample]``; each slice is
 normalised with ``alpha * batch + (1 - alpha) * running`` statistics of its group (biased
@@ -19,73 +23,23 @@ batch statistics.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
 
+from .memory import memory_format_of
+
 Tensor = torch.Tensor
-StatsFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
+StatsFn = Callable[[Tensor, Optional[Tensor], Optional[Tensor], float], tuple[Tensor, Tensor]]
 ElemtFn = Callable[..., Tensor]
 
 
-# ----------------------------------------------------------------------------- CPU stand-ins
-def batch_norm_stats_cpu(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """CPU stand-in of ``torch.batch_norm_stats``: fp32 per-channel mean and
-    ``1 / sqrt(biased var + eps)`` (0 where ``var == eps == 0``, like the CUDA kernel)."""
-    dims = [0] + list(range(2, x.dim()))
-    var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
-    keep = (var != 0) | (eps != 0)
-    invstd = torch.where(keep, torch.rsqrt(var + eps), torch.zeros_like(var))
-    return mean, invstd
-
-
-def batch_norm_elemt_cpu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                         mean: Tensor, invstd: Tensor, eps: float,  # noqa: ARG001
-                         out: Optional[Tensor] = None) -> Tensor:
-    """CPU stand-in of ``torch.batch_norm_elemt``: ``(x - mean) * invstd * weight + bias``
-    computed in fp32, written in ``x.dtype`` (into ``out`` if given)."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x.float() - mean.view(shape)) * invstd.view(shape)
-    if weight is not None:
-        y = y * weight.float().view(shape)
-    if bias is not None:
-        y = y + bias.float().view(shape)
-    if out is None:
-        return y.to(x.dtype)
-    return out.copy_(y)
-
-
-# ----------------------------------------------------------------------------- shared math
-def mix_statistics(mean_b: Tensor, var_b: Tensor, running_mean: Tensor, running_var: Tensor,
-                   alpha: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Normalisation statistics of every (view, group) slice.
-
-    Args:
-        mean_b, var_b: (V, G, C) fp32 batch statistics (biased variance).
-        running_mean, running_var: (G, C) fp32.
-        alpha: 0-dim weight of the batch statistics.
-
-    Returns:
-        ``(mean, invstd)``, (V, G, C) fp32, with ``invstd = 1 / sqrt(var + eps)``.
-    """
-    a = alpha.float()
-    mean = a * mean_b + (1 - a) * running_mean
-    var = a * var_b + (1 - a) * running_var
-    return mean, torch.rsqrt(var + eps)
-
-
-@torch.no_grad()
-def update_running_(running_mean: Tensor, running_var: Tensor, mean_b: Tensor, var_b: Tensor,
-                    alpha: Tensor) -> None:
-    """Lazy update in place: ``run <- alpha * mean_over_views(batch) + (1 - alpha) * run``."""
-    running_mean.lerp_(mean_b.mean(0).view_as(running_mean), alpha.float())
-    running_var.lerp_(var_b.mean(0).view_as(running_var), alpha.float())
-
-
 def _check(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor) -> int:
+    """Samples per (view, group) slice; a one-line error when the shapes do not fit."""
     slices = num_views * num_groups
     if x.dim() < 2 or x.shape[0] % slices:
-        raise ValueError(f"Momentum BN: batch of shape {tuple(x.shape)} does not split into "
+        raise ValueError(f"Momentum BN: batch of shape {tuple(x.shape)} is not divisible into "
                          f"{num_views} views x {num_groups} groups")
     if running_mean.numel() != num_groups * x.shape[1]:
         raise ValueError(f"Momentum BN: running statistics of shape {tuple(running_mean.shape)} "
@@ -93,45 +47,113 @@ def _check(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor) -> 
     return x.shape[0] // slices
 
 
-# A tiny eps for the statistics pass: ``invstd ** -2`` is then the biased variance to fp32
-# precision (plus 1e-30), and a constant channel gives a finite invstd (variance ~1e-30)
-# instead of a 0 that would need its own case.
-STATS_EPS = 1e-30
+# ----------------------------------------------------------------------------- composite
+def momentum_bn_train_composite(x: Tensor, num_views: int, num_groups: int,
+                                running_mean: Tensor, running_var: Tensor, alpha: Tensor,
+                                weight: Optional[Tensor], bias: Optional[Tensor],
+                                eps: float) -> Tensor:
+    """Momentum BN training forward as plain tensor math (arguments as
+    :func:`momentum_bn_train_fused`). Statistics and the normalisation are computed in fp32
+    (an fp32 copy of ``x``); differentiable through ``x``, ``weight`` and ``bias``; the running
+    statistics are updated in place without gradient."""
+    n = _check(x, num_views, num_groups, running_mean)
+    v, g, c = num_views, num_groups, x.shape[1]
+    xf = x.float().view(v, g, n, *x.shape[1:])  # (V, G, N, C, *spatial); splits dim 0 only
+    var_b, mean_b = torch.var_mean(xf, dim=[2, *range(4, xf.dim())], correction=0)  # (V, G, C)
+    a = alpha.float()
+    rm, rv = running_mean.view(g, c), running_var.view(g, c)
+    scale = torch.rsqrt(torch.lerp(rv, var_b, a) + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    shift = -torch.lerp(rm, mean_b, a) * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    shape = (v, g, 1, c) + (1,) * (x.dim() - 2)
+    y = torch.addcmul(shift.view(shape), xf, scale.view(shape))  # one pass
+    with torch.no_grad():  # the lazy update: each group from the mean over its views
+        rm.lerp_(mean_b.detach().mean(0), a)
+        rv.lerp_(var_b.detach().mean(0), a)
+    return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+# ----------------------------------------------------------------------------- fused
+@functools.lru_cache(maxsize=None)
+def _mixing(num_views: int, num_groups: int, eps: float,
+            device: torch.device) -> tuple[Tensor, Tensor]:
+    """Constants of the statistics mix as one matrix product ``out = M(alpha) @ T``.
+
+    ``T`` (2R + 1, C), R = K + G, holds the K = V * G slices' batch means, the G running
+    means, the K batch variances, the G running variances and a row of ones. ``out`` (2R, C)
+    holds the K slices' mixed means, the G new running means, the K slices' mixed variances
+    ``+ eps`` (from the ones row) and the G new running variances.
+    ``M(alpha) = lerp(M0, M1, alpha)``, the same block for means and variances:
+
+    * slice k = (v, g): ``M0`` picks running row g, ``M1`` picks batch row k;
+    * running row g: ``M0`` keeps it, ``M1`` averages batch rows (v, g) over the V views.
+
+    Built with device factories (no copy from the host).
+    """
+    v, g, k = num_views, num_groups, num_views * num_groups
+    eye_g = torch.eye(g, device=device)
+    pick_group = eye_g.repeat(v, 1)  # (K, G): slice k belongs to group k % G
+    zeros = functools.partial(torch.zeros, device=device)
+    m0 = torch.cat([torch.cat([zeros(k, k), pick_group], 1), torch.cat([zeros(g, k), eye_g], 1)])
+    m1 = torch.cat([torch.cat([torch.eye(k, device=device), zeros(k, g)], 1),
+                    torch.cat([pick_group.t() / v, zeros(g, g)], 1)])
+    eps_col = zeros(2 * (k + g), 1)
+    eps_col[k + g : 2 * k + g] = eps  # the mixed variances only
+    return tuple(torch.cat([torch.block_diag(m, m), eps_col], 1) for m in (m0, m1))
+
+
+@functools.lru_cache(maxsize=None)
+def _ones(c: int, device: torch.device) -> Tensor:
+    return torch.ones(1, c, device=device)
+
+
+def _ieee_matmul(t: Tensor) -> bool:
+    """Whether fp32 matrix products on ``t``'s device are computed in full fp32 precision (not
+    TF32 or bf16, see ``torch.backends.*.matmul.fp32_precision``)."""
+    backend = torch.backends.cuda.matmul if t.is_cuda else torch.backends.mkldnn.matmul
+    return backend.fp32_precision in ("none", "ieee")
 
 
 def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor,
                       running_var: Tensor, alpha: Tensor, weight: Optional[Tensor],
-                      bias: Optional[Tensor], eps: float, stats_fn: StatsFn,
-                      elemt_fn: ElemtFn) -> Tensor:
-    """Momentum BN training forward with injected kernels (see the module docstring).
+                      bias: Optional[Tensor], eps: float,
+                      stats_fn: StatsFn = torch.batch_norm_update_stats,
+                      elemt_fn: ElemtFn = torch.batch_norm_elemt) -> Tensor:
+    """Momentum BN training forward on the two fused kernels (arguments as
+    :func:`momentum_bn_train_fused`; see the module docstring).
 
-    ``stats_fn(slice, eps) -> (mean, invstd)`` and ``elemt_fn(slice, weight, bias, mean,
-    invstd, eps, out=...)`` have the signatures of ``torch.batch_norm_stats`` /
-    ``torch.batch_norm_elemt``. Not differentiable through ``x`` (the teacher runs under
-    ``no_grad``); running statistics are updated in place.
+    ``stats_fn(slice, None, None, momentum) -> (mean, var)`` and ``elemt_fn(slice, weight,
+    bias, mean, invstd, eps, out=...)`` have the signatures of
+    ``torch.batch_norm_update_stats`` / ``torch.batch_norm_elemt``. Not differentiable through
+    ``x`` (the teacher runs under ``no_grad``); the running statistics are updated in place.
 
-    Launches for K = V * G slices: K statistics passes, K normalising passes, and 8 small
-    ones: one concatenation of every (mean, invstd) with the running statistics, the
-    variance from invstd, the momentum mix (``lerp``), the lazy update (the mean over views
-    of the mixed statistics is exactly ``run + alpha * (mean_v(batch) - run)``), written back
-    with one ``_foreach_copy_``, ``+ eps`` and ``rsqrt``, and the output allocation.
+    Launches for K = V * G slices: K statistics passes, K normalising passes and 5 small ones:
+    one concatenation of the slices' (mean, var) with the running statistics, the mixing
+    matrix from alpha, one matrix product (no added input, so no copy before the GEMM) giving
+    every slice's mixed (mean, var + eps) and the new running statistics, ``rsqrt``, and one
+    ``_foreach_copy_`` into the running buffers. With K > 1 the output is allocated once (no
+    launch).
     """
     n = _check(x, num_views, num_groups, running_mean)
     v, g, c = num_views, num_groups, x.shape[1]
     k = v * g
     parts = [x[i * n : (i + 1) * n] for i in range(k)]
-    stats = [stats_fn(p, STATS_EPS) for p in parts]
+    stats = [stats_fn(p, None, None, 0.0) for p in parts]  # fp32 (mean, biased var)
     rm, rv = running_mean.view(g, c), running_var.view(g, c)
-    # (2, K + G, C): [mean | invstd] x [K slices, then the G running rows]
-    table = torch.cat([s[0][None] for s in stats] + [rm] + [s[1][None] for s in stats] + [rv])
-    table = table.view(2, k + g, c)
-    table[1, :k].pow_(-2)  # batch variance (+1e-30)
-    batch = table[:, :k].view(2, v, g, c)
-    mixed = torch.lerp(table[:, k:].view(2, 1, g, c), batch, alpha)  # (2, V, G, C)
-    new_run = mixed.mean(1)  # the lazy update
-    torch._foreach_copy_([rm, rv], [new_run[0], new_run[1]])
-    invstd = mixed[1].add_(eps).rsqrt_().view(k, c)
-    mean = mixed[0].view(k, c)
+    table = torch.cat([s[0][None] for s in stats] + [rm] + [s[1][None] for s in stats]
+                      + [rv, _ones(c, x.device)])  # (2R + 1, C), R = K + G
+    m0, m1 = _mixing(v, g, float(eps), x.device)
+    mix = torch.lerp(m0, m1, alpha)
+    if _ieee_matmul(table):
+        out = torch.mm(mix, table)  # (2R, C)
+    else:  # reduced-precision fp32 products would cost the statistics their precision
+        out = torch.mm(mix.double(), table.double()).float()
+    r = k + g
+    torch._foreach_copy_([rm, rv], [out[k:r], out[r + k :]])  # the lazy update
+    mean, invstd = out[:k], out[r : r + k].rsqrt_()
     if k == 1:
         return elemt_fn(x, weight, bias, mean[0], invstd[0], eps)
     y = torch.empty_like(x)  # same memory format as x
@@ -140,34 +162,13 @@ def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: 
     return y
 
 
-def momentum_bn_train_plain(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor,
-                            running_var: Tensor, alpha: Tensor, weight: Optional[Tensor],
-                            bias: Optional[Tensor], eps: float) -> Tensor:
-    """Differentiable fp32 composite of the same forward (the fallback when a gradient is
-    needed); makes an fp32 copy of ``x``."""
-    n = _check(x, num_views, num_groups, running_mean)
-    v, g, c = num_views, num_groups, x.shape[1]
-    xf = x.float().reshape(v, g, n, c, -1)
-    var_b, mean_b = torch.var_mean(xf, dim=(2, 4), correction=0)  # (V, G, C)
-    mean, invstd = mix_statistics(mean_b, var_b, running_mean.view(g, c),
-                                  running_var.view(g, c), alpha, eps)
-    scale = invstd if weight is None else invstd * weight.float()
-    shift = -mean * scale if bias is None else bias.float() - mean * scale
-    y = xf * scale[:, :, None, :, None] + shift[:, :, None, :, None]
-    update_running_(running_mean, running_var, mean_b.detach(), var_b.detach(), alpha)
-    return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if cl and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+# ----------------------------------------------------------------------------- dispatch
+_FUSED_OPS = ("aten::batch_norm_elemt", "aten::batch_norm_elemt.out")
 
 
 def fused_kernels_available(x: Tensor) -> bool:
-    """Whether ``x``'s device has ``batch_norm_stats`` and ``batch_norm_elemt`` kernels (CUDA
-    always; the CPU only when registered, as the tests do)."""
+    """Whether ``x``'s device has the ``batch_norm_elemt`` kernels (CUDA always; the CPU only
+    when registered, as the tests do, with a ``batch_norm_update_stats`` of CUDA's contract)."""
     if x.is_cuda:
         return True
     key = x.device.type.upper()
@@ -175,24 +176,14 @@ def fused_kernels_available(x: Tensor) -> bool:
                                 for op in _FUSED_OPS)
 
 
-_FUSED_OPS = ("aten::batch_norm_stats", "aten::batch_norm_elemt", "aten::batch_norm_elemt.out")
-
-
-def _needs_grad(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-
-
 def momentum_bn_train_fused(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor,
                             running_var: Tensor, alpha: Tensor, weight: Optional[Tensor],
                             bias: Optional[Tensor], eps: float) -> Tensor:
-    """Momentum BN training forward with the native kernels (CUDA): one ``batch_norm_stats``
-    and one ``batch_norm_elemt`` pass per (view, group) slice, output in ``x.dtype``.
+    """Momentum BN training forward, on the fused kernels wherever they serve.
 
     Args:
-        x: (B, C, *spatial) tensor (contiguous or channels_last) on a device with the two
-            kernels (:func:`fused_kernels_available`), laid out
-            ``[view][group][sample]``, ``B = num_views * num_groups * n``.
+        x: (B, C, *spatial) tensor, laid out ``[view][group][sample]``,
+            ``B = num_views * num_groups * n``.
         num_views, num_groups: V and G.
         running_mean, running_var: fp32, (G, C) (or (C,) when G == 1); updated in place.
         alpha: 0-dim fp32 tensor, the weight of the current batch.
@@ -202,13 +193,18 @@ def momentum_bn_train_fused(x: Tensor, num_views: int, num_groups: int, running_
     Returns:
         The normalised batch, same shape, dtype and memory format as ``x``.
 
-    When a gradient is needed (``x``, ``weight`` or ``bias`` requires grad with grad mode
-    on; neither M2's teacher nor MoCo's key encoder does, both run under ``no_grad``) and under
-    ``torch.compile`` (inductor fuses the composite math; the two ops have no fake kernels),
-    the composite :func:`momentum_bn_train_plain` is used instead.
+    :func:`momentum_bn_train` (one statistics and one ``batch_norm_elemt`` pass per (view,
+    group) slice) runs when ``x``'s device has the kernels (:func:`fused_kernels_available`),
+    ``x`` is not fp64 and no gradient is needed (neither M2's teacher nor MoCo's key encoder
+    needs one: both run under ``no_grad``).
+    :func:`momentum_bn_train_composite` runs otherwise, and under ``torch.compile``, where
+    inductor fuses it with the neighbouring ops (the two kernels have no fake kernels).
     """
-    if _needs_grad(x, weight, bias) or torch.compiler.is_compiling():
-        return momentum_bn_train_plain(x, num_views, num_groups, running_mean, running_var,
-                                       alpha, weight, bias, eps)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if (torch.compiler.is_compiling() or needs_grad or x.dtype == torch.float64
+            or not fused_kernels_available(x)):
+        return momentum_bn_train_composite(x, num_views, num_groups, running_mean, running_var,
+                                           alpha, weight, bias, eps)
     return momentum_bn_train(x, num_views, num_groups, running_mean, running_var, alpha, weight,
-                             bias, eps, torch.batch_norm_stats, torch.batch_norm_elemt)
+                             bias, eps)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import _copy_bn_state
+from .convert import is_bn_act, replace_batch_norm
 
 
 class GroupedBatchNorm(_BatchNorm):
@@ -122,35 +122,28 @@ def convert_grouped_bn(module: nn.Module, num_groups: int) -> nn.Module:
     """Replace every plain batch norm in ``module`` by ``GroupedBatchNorm(num_groups)``.
 
     Handles ``nn.BatchNorm1d/2d/3d`` and timm's ``BatchNormAct2d`` (dropout and activation
-    kept); Momentum BN and already grouped layers are left alone. Affine parameters are copied
-    and every group's running statistics start from the layer's. ``num_groups == 1`` is a no-op.
+    kept); ``SyncBatchNorm`` and already grouped layers are left alone. Affine parameters and
+    the update counter are copied and every group's running statistics start from the
+    layer's. ``num_groups == 1`` is a no-op.
 
     Returns:
         The converted module (a new object only when ``module`` itself is a batch norm).
     """
-    from .momentum_bn import MomentumBatchNorm
-
-    if num_groups == 1 or isinstance(module, (GroupedBatchNorm, MomentumBatchNorm)):
+    if num_groups == 1:
         return module
-    if isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        kwargs = dict(num_features=module.num_features, num_groups=num_groups, eps=module.eps,
-                      momentum=module.momentum, affine=module.affine,
-                      track_running_stats=module.track_running_stats)
-        if hasattr(module, "act") and hasattr(module, "drop"):  # timm BatchNormAct2d family
-            new = GroupedBatchNormAct2d(**kwargs, drop=module.drop, act=module.act)
+
+    def grouped(bn: _BatchNorm) -> Optional[GroupedBatchNorm]:
+        if isinstance(bn, (GroupedBatchNorm, nn.SyncBatchNorm)):
+            return None
+        kwargs = dict(num_features=bn.num_features, num_groups=num_groups, eps=bn.eps,
+                      momentum=bn.momentum, affine=bn.affine,
+                      track_running_stats=bn.track_running_stats)
+        if is_bn_act(bn):
+            new = GroupedBatchNormAct2d(**kwargs, drop=bn.drop, act=bn.act)
         else:
             new = GroupedBatchNorm(**kwargs)
-        ref = module.weight if module.affine else module.running_mean
-        if ref is not None:
-            new = new.to(device=ref.device)
-        _copy_bn_state(module, new)
-        if module.track_running_stats and module.running_mean is not None:
-            with torch.no_grad():
-                new.num_batches_tracked.copy_(module.num_batches_tracked)
-        new.train(module.training)
+        if bn.track_running_stats and bn.running_mean is not None:
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
         return new
-    for name, child in module.named_children():
-        new_child = convert_grouped_bn(child, num_groups)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+
+    return replace_batch_norm(module, grouped)

@@ -20,10 +20,10 @@ Semantics (the authors' behaviour without two of its defects, see docs/method.md
   group's running statistics (row ``g`` of the ``(G, C)`` buffers: what device ``g`` would
   hold) are updated lazily from the mean of that group's views. Eval mode uses group 0's
   (rank 0's) statistics. With ``G == 1`` the buffers keep shape ``(C,)``.
-* In eager mode on CUDA (any device with the ``batch_norm_stats``/``batch_norm_elemt``
-  kernels) the training forward without gradient uses ``m2_pretrain.layers.fused_bn``. Under
-  ``torch.compile``, on the CPU and when a gradient is needed, it uses this file's composite
-  math, which inductor fuses with the neighbouring ops; it is also the fused path's oracle.
+* The training forward is ``m2_pretrain.layers.fused_bn.momentum_bn_train_fused``: in eager
+  mode on CUDA (any device with the ``batch_norm_elemt`` kernels) and without gradient the
+  fused kernels, else (CPU, ``torch.compile``, a gradient, fp64) the composite math, which
+  inductor fuses with the neighbouring ops.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .fused_bn import fused_kernels_available, momentum_bn_train
+from .convert import is_bn_act, replace_batch_norm
+from .fused_bn import momentum_bn_train_fused
 
 
 class MomentumBatchNorm(nn.Module):
@@ -103,66 +105,28 @@ class MomentumBatchNorm(nn.Module):
         else:
             self.alpha.fill_(float(alpha))
 
-    def _scale_shift(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (…, C) scale and shift such that y = x * scale + shift."""
-        scale = torch.rsqrt(var + self.eps)
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, c = self.num_groups, self.num_features
+        scale = torch.rsqrt(self.running_var.view(g, c)[0] + self.eps)
         if self.weight is not None:
             scale = scale * self.weight.float()
-        shift = -mean * scale
+        shift = -self.running_mean.view(g, c)[0] * scale
         if self.bias is not None:
             shift = shift + self.bias.float()
-        return scale, shift
-
-    def _use_fused(self, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or not fused_kernels_available(x):
-            return False
-        return not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        return (x.float() * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"MomentumBatchNorm expected input (B, {self.num_features}, ...), got {tuple(x.shape)}"
-            )
-        extra = x.dim() - 2  # number of spatial dims
-        bcast = (1,) * extra
-        v, g, c = self.num_views, self.num_groups, self.num_features
-        run_mean = self.running_mean.view(g, c)  # views of the buffers, updated in place
-        run_var = self.running_var.view(g, c)
+            raise ValueError(f"MomentumBatchNorm expected input (B, {self.num_features}, ...), "
+                             f"got {tuple(x.shape)}")
         if not self.training:  # group 0's statistics: what rank 0 saves
-            scale, shift = self._scale_shift(run_mean[0], run_var[0])
-            return (x.float() * scale.view(1, -1, *bcast) + shift.view(1, -1, *bcast)).to(x.dtype)
-
-        if x.shape[0] % (v * g) != 0:
-            raise ValueError(
-                f"MomentumBatchNorm: batch of {x.shape[0]} is not divisible into {v} views x "
-                f"{g} groups"
-            )
-        if self._use_fused(x):
-            y = momentum_bn_train(x, v, g, self.running_mean, self.running_var, self.alpha,
-                                  self.weight, self.bias, self.eps, torch.batch_norm_stats,
-                                  torch.batch_norm_elemt)
-            self.num_batches_tracked.add_(1)
-            return y
-        # (V, G, N, C, *spatial); a view, no copy
-        xv = x.view(v, g, x.shape[0] // (v * g), *x.shape[1:])
-        reduce_dims = [2] + list(range(4, xv.dim()))
-        xf = xv.float()
-        var_v, mean_v = torch.var_mean(xf, dim=reduce_dims, correction=0)  # (V, G, C) each
-        alpha = self.alpha.float()
-        mean = alpha * mean_v + (1.0 - alpha) * run_mean
-        var = alpha * var_v + (1.0 - alpha) * run_var
-        scale, shift = self._scale_shift(mean, var)  # (V, G, C)
-        shape = (v, g, 1, c) + bcast
-        y = torch.addcmul(shift.view(shape), xf, scale.view(shape))  # one pass
-
-        # Lazy update after all views of this iteration have been normalised: each group from
-        # the mean of its own views' statistics.
-        with torch.no_grad():
-            run_mean.lerp_(mean_v.detach().mean(0), alpha)
-            run_var.lerp_(var_v.detach().mean(0), alpha)
-            self.num_batches_tracked.add_(1)
-        return y.view_as(x).to(x.dtype)
+            return self._eval_forward(x)
+        y = momentum_bn_train_fused(x, self.num_views, self.num_groups, self.running_mean,
+                                    self.running_var, self.alpha, self.weight, self.bias,
+                                    self.eps)
+        self.num_batches_tracked.add_(1)
+        return y
 
 
 class MomentumBatchNormAct2d(MomentumBatchNorm):
@@ -189,6 +153,36 @@ class MomentumBatchNormAct2d(MomentumBatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(super().forward(x)))
+
+
+def convert_momentum_bn(
+    module: nn.Module, num_views: int = 1, alpha: float = 1.0, num_groups: int = 1
+) -> nn.Module:
+    """Replace every batch norm in ``module`` by Momentum BN, in place where possible.
+
+    Handles ``nn.BatchNorm1d/2d``, ``nn.SyncBatchNorm`` and timm's ``BatchNormAct2d`` /
+    ``SyncBatchNormAct`` (their dropout and activation are kept). Affine parameters and
+    running statistics are copied; the result is on the same device.
+
+    Args:
+        module: any module, e.g. a timm CNN.
+        num_views: views stacked along the batch dimension in each forward (2 for a teacher
+            that forwards ``[v'; v]`` as one batch).
+        alpha: initial weight of the current batch.
+        num_groups: virtual devices per view, each with its own running statistics.
+
+    Returns:
+        The converted module (a new object only when ``module`` itself is a batch norm).
+    """
+
+    def momentum(bn: _BatchNorm) -> MomentumBatchNorm:
+        kwargs = dict(num_features=bn.num_features, eps=bn.eps, affine=bn.affine,
+                      num_views=num_views, alpha=alpha, num_groups=num_groups)
+        if is_bn_act(bn):
+            return MomentumBatchNormAct2d(**kwargs, drop=bn.drop, act=bn.act)
+        return MomentumBatchNorm(**kwargs)
+
+    return replace_batch_norm(module, momentum)
 
 
 def momentum_bn_modules(module: nn.Module) -> list[MomentumBatchNorm]:

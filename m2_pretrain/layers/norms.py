@@ -1,4 +1,5 @@
-"""Normalisations chosen by name, in one place (config validation, M2, MoCo use this table).
+"""Normalisations chosen by name, in one place: config validation, M2 and MoCo take the names
+and their ``Literal`` types from here.
 
 Names (the rows of the paper's Table 1; "device" may be a virtual one, see ``GroupedBatchNorm``):
 
@@ -7,38 +8,28 @@ Names (the rows of the paper's Table 1; "device" may be a virtual one, see ``Gro
 * ``sync`` — BN over the whole global batch: in one process plain BN over the whole batch of
   each call; across processes torch's ``SyncBatchNorm`` (CUDA only).
 * ``momentum`` — Momentum BN per device, one set of running statistics per group.
-* ``shuffle_bn`` — MoCo's shuffling BN (the MoCo key encoder only; ``MoCoV2`` implements it).
+* ``shuffle_bn`` — MoCo's shuffling BN (the MoCo key encoder only; ``MoCoV2`` implements it,
+  not :func:`apply_norm`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Literal, get_args
 
 import torch.nn as nn
 
-from .convert import convert_momentum_bn
 from .grouped_bn import convert_grouped_bn
+from .momentum_bn import convert_momentum_bn
 
-STUDENT_NORMS = ("bn", "sync")
-TEACHER_NORMS = ("bn", "sync", "momentum")
-KEY_NORMS = ("shuffle_bn", "momentum", "bn")
+StudentNorm = Literal["bn", "sync"]
+Norm = Literal[StudentNorm, "momentum"]  # every name apply_norm accepts; a teacher takes any
+TeacherNorm = Norm
+KeyNorm = Literal["shuffle_bn", "momentum", "bn"]  # shuffle_bn: MoCo's key encoder only
 
-
-def _sync(module: nn.Module, num_groups: int, num_views: int, alpha: float,
-          distributed: bool) -> nn.Module:
-    if not distributed:
-        return module  # one process: plain BN already normalises the whole batch of a call
-    from timm.layers import convert_sync_batchnorm  # handles BatchNormAct2d too
-
-    return convert_sync_batchnorm(module)
-
-
-_CONVERTERS: dict[str, Callable[..., nn.Module]] = {
-    "bn": lambda m, num_groups, num_views, alpha, distributed: convert_grouped_bn(m, num_groups),
-    "sync": _sync,
-    "momentum": lambda m, num_groups, num_views, alpha, distributed: convert_momentum_bn(
-        m, num_views=num_views, alpha=alpha, num_groups=num_groups),
-}
+NORMS: tuple[str, ...] = get_args(Norm)
+STUDENT_NORMS: tuple[str, ...] = get_args(StudentNorm)
+TEACHER_NORMS: tuple[str, ...] = NORMS
+KEY_NORMS: tuple[str, ...] = get_args(KeyNorm)
 
 
 def apply_norm(module: nn.Module, name: str, num_groups: int = 1, num_views: int = 1,
@@ -47,7 +38,7 @@ def apply_norm(module: nn.Module, name: str, num_groups: int = 1, num_views: int
 
     Args:
         module: a module with plain BN layers (e.g. a timm CNN and its heads).
-        name: ``bn``, ``sync`` or ``momentum``.
+        name: one of :data:`NORMS`.
         num_groups: virtual devices per call (``bn``, ``momentum``).
         num_views: views stacked along the batch in one call (``momentum``).
         alpha: Momentum BN's initial current-batch weight.
@@ -56,6 +47,15 @@ def apply_norm(module: nn.Module, name: str, num_groups: int = 1, num_views: int
     Returns:
         The converted module (a new object only when ``module`` itself is a batch norm).
     """
-    if name not in _CONVERTERS:
-        raise ValueError(f"unknown norm {name!r}: choose one of {sorted(_CONVERTERS)}")
-    return _CONVERTERS[name](module, num_groups, num_views, alpha, distributed)
+    if name == "bn":
+        return convert_grouped_bn(module, num_groups)
+    if name == "sync":
+        if not distributed:
+            return module  # one process: plain BN already normalises the whole batch of a call
+        from timm.layers import convert_sync_batchnorm  # handles BatchNormAct2d too
+
+        return convert_sync_batchnorm(module)
+    if name == "momentum":
+        return convert_momentum_bn(module, num_views=num_views, alpha=alpha,
+                                   num_groups=num_groups)
+    raise ValueError(f"unknown norm {name!r}: choose one of {NORMS}")

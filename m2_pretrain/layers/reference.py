@@ -3,8 +3,8 @@
 Each view is a separate call; the mean and the (biased) variance are separate passes; the
 statistics waiting for the lazy update and alpha live in Python attributes; ``commit()`` applies
 the lazy update after all views of an iteration. Same semantics as ``MomentumBatchNorm`` (it
-keeps the fixes listed in docs/method.md: biased variance, no double Bessel correction), slower by design.
-Not for training: its Python-side state does not go into ``state_dict``.
+keeps the fixes listed in docs/method.md: biased variance, no double Bessel correction),
+slower by design. Not for training: its Python-side state does not go into ``state_dict``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ class ReferenceMomentumBN(nn.Module):
     def __init__(self, bn: _BatchNorm, alpha: float = 1.0) -> None:
         super().__init__()
         self.eps = bn.eps
-        self.weight = nn.Parameter(bn.weight.detach().clone(), requires_grad=bn.weight.requires_grad)
+        self.weight = nn.Parameter(bn.weight.detach().clone(),
+                                   requires_grad=bn.weight.requires_grad)
         self.bias = nn.Parameter(bn.bias.detach().clone(), requires_grad=bn.bias.requires_grad)
         self.register_buffer("running_mean", bn.running_mean.detach().clone().float())
         self.register_buffer("running_var", bn.running_var.detach().clone().float())
