@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..layers.memory import memory_format_of
 from .augment import ViewAugConfig, _blur_kernel
 
 cv2.setNumThreads(1)  # one small image at a time inside DataLoader workers
@@ -277,7 +278,7 @@ def _rotate_hue(y: torch.Tensor, step: torch.Tensor, diff: torch.Tensor,
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma replicated on 3 channels."""
-    return luma(x).expand_as(x).contiguous(memory_format=_format_of(x))
+    return luma(x).expand_as(x).contiguous(memory_format=memory_format_of(x))
 
 
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -311,13 +312,6 @@ def solarize(x: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def _format_of(x: torch.Tensor) -> torch.memory_format:
-    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if cl and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------- batched view
