@@ -291,6 +291,47 @@ def test_fp64_input_takes_the_composite(kernels):
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("V,G,spatial,channels_last", [
+    (2, 1, (4, 4), False), (2, 3, (4, 4), True), (2, 2, (), False), (1, 1, (3, 5), False)])
+def test_cpu_fp32_takes_the_native_cpu_kernels_and_equals_plain(monkeypatch, V, G, spatial,
+                                                                 channels_last):
+    """Without registered kernels, an fp32 CPU forward without gradient runs the fast path on
+    the CPU's own ``batch_norm_update_stats`` and native inference batch norm (one statistics
+    and one normalising pass per slice), equal to the fp64 loop over iterations with a
+    changing α; bf16 takes the composite (the CPU statistics kernel would keep bf16)."""
+    assert not FB.fused_kernels_available(torch.zeros(1))
+    calls = {"elemt": 0, "composite": 0}
+    elemt, composite = FB.batch_norm_elemt_cpu, FB.momentum_bn_train_composite
+
+    def counted_elemt(*a, **kw):
+        calls["elemt"] += 1
+        return elemt(*a, **kw)
+
+    def counted_composite(*a, **kw):
+        calls["composite"] += 1
+        return composite(*a, **kw)
+
+    monkeypatch.setattr(FB, "batch_norm_elemt_cpu", counted_elemt)
+    monkeypatch.setattr(FB, "momentum_bn_train_composite", counted_composite)
+    C = 5
+    w, b, rm, rv, rm_ref, rv_ref, alpha = _fresh_state(G, C)
+    for k, a in enumerate((1.0, 0.7, 0.2)):
+        alpha.fill_(a)
+        x = _inputs(V, G, 4, C, spatial, k, channels_last=channels_last)
+        with torch.no_grad():
+            y = FB.momentum_bn_train_fused(x, V, G, rm, rv, alpha, w, b, 1e-5)
+        want = plain_momentum_bn(x, V, G, rm_ref, rv_ref, a, w, b, 1e-5)
+        torch.testing.assert_close(y.double(), want, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(rm.view(G, C).double(), rm_ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(rv.view(G, C).double(), rv_ref, atol=1e-5, rtol=1e-6)
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last
+                               else torch.contiguous_format)
+    assert calls == {"elemt": 3 * V * G, "composite": 0}
+    with torch.no_grad():
+        FB.momentum_bn_train_fused(x.bfloat16(), V, G, rm, rv, alpha, w, b, 1e-5)
+    assert calls == {"elemt": 3 * V * G, "composite": 1}
+
+
 class PlainLayer(nn.Module):
     """Oracle module: ``plain_momentum_bn`` (fp64 loop) with its own fp64 running statistics."""
 

@@ -13,7 +13,10 @@
   is made; alpha stays a tensor (no host sync). The kernels are arguments, so tests can pass
   CPU ones.
 * :func:`momentum_bn_train_fused` chooses: the fast path where the kernels exist and no
-  gradient is needed, the composite otherwise and under ``torch.compile``.
+  gradient is needed, the composite otherwise and under ``torch.compile``. On the CPU the fast
+  path serves fp32 inputs, with the native CPU ``batch_norm_update_stats`` and
+  :func:`batch_norm_elemt_cpu` (inference-mode native batch norm) as the two kernels: the
+  statistics pass of BN itself, several times faster than a ``var_mean`` over a strided view.
 
 Semantics (docs/method.md, "Momentum BN"): the batch is ``[view][group][sample]``; each slice is
 normalised with ``alpha * batch + (1 - alpha) * running`` statistics of its group (biased
@@ -162,6 +165,21 @@ def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: 
     return y
 
 
+# ----------------------------------------------------------------------------- CPU kernels
+def batch_norm_elemt_cpu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                         mean: Tensor, invstd: Tensor, eps: float,  # noqa: ARG001
+                         out: Optional[Tensor] = None) -> Tensor:
+    """``torch.batch_norm_elemt`` for fp32 CPU tensors: ``(x - mean) * invstd * weight +
+    bias`` as inference-mode native batch norm (variance ``invstd ** -2``, eps 0), written into
+    ``out`` when given (a slice of a larger output, in ``x``'s memory format)."""
+    var = invstd.pow(-2)
+    if out is None:
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, 0.0, False)
+    torch.ops.aten.native_batch_norm.out(x, weight, bias, mean, var, False, 0.0, 0.0, out=out,
+                                         save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
+    return out
+
+
 # ----------------------------------------------------------------------------- dispatch
 _FUSED_OPS = ("aten::batch_norm_elemt", "aten::batch_norm_elemt.out")
 
@@ -197,14 +215,20 @@ def momentum_bn_train_fused(x: Tensor, num_views: int, num_groups: int, running_
     group) slice) runs when ``x``'s device has the kernels (:func:`fused_kernels_available`),
     ``x`` is not fp64 and no gradient is needed (neither M2's teacher nor MoCo's key encoder
     needs one: both run under ``no_grad``).
+    On a CPU without registered ``batch_norm_elemt`` kernels, an fp32 ``x`` takes the same
+    path on the native CPU statistics kernel and :func:`batch_norm_elemt_cpu` (the CPU's
+    ``batch_norm_update_stats`` keeps a bf16 input's statistics in bf16, so other dtypes take
+    the composite).
     :func:`momentum_bn_train_composite` runs otherwise, and under ``torch.compile``, where
     inductor fuses it with the neighbouring ops (the two kernels have no fake kernels).
     """
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
-    if (torch.compiler.is_compiling() or needs_grad or x.dtype == torch.float64
-            or not fused_kernels_available(x)):
-        return momentum_bn_train_composite(x, num_views, num_groups, running_mean, running_var,
-                                           alpha, weight, bias, eps)
-    return momentum_bn_train(x, num_views, num_groups, running_mean, running_var, alpha, weight,
-                             bias, eps)
+    args = (x, num_views, num_groups, running_mean, running_var, alpha, weight, bias, eps)
+    if torch.compiler.is_compiling() or needs_grad or x.dtype == torch.float64:
+        return momentum_bn_train_composite(*args)
+    if fused_kernels_available(x):
+        return momentum_bn_train(*args)
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return momentum_bn_train(*args, elemt_fn=batch_norm_elemt_cpu)
+    return momentum_bn_train_composite(*args)

@@ -21,9 +21,9 @@ Semantics (the authors' behaviour without two of its defects, see docs/method.md
   hold) are updated lazily from the mean of that group's views. Eval mode uses group 0's
   (rank 0's) statistics. With ``G == 1`` the buffers keep shape ``(C,)``.
 * The training forward is ``m2_pretrain.layers.fused_bn.momentum_bn_train_fused``: in eager
-  mode on CUDA (any device with the ``batch_norm_elemt`` kernels) and without gradient the
-  fused kernels, else (CPU, ``torch.compile``, a gradient, fp64) the composite math, which
-  inductor fuses with the neighbouring ops.
+  mode without gradient the fast path on native batch-norm kernels (CUDA's, or the CPU's for
+  fp32 inputs), else (``torch.compile``, a gradient, fp64, bf16 on the CPU) the composite
+  math, which inductor fuses with the neighbouring ops.
 """
 
 from __future__ import annotations
