@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import Config, bn_groups, choose, encoder_kwargs  # noqa: F401 (re-exported)
+from ..config import Config, choose
 from ..data.augment import TwoViewTransform
 from .base import TeacherStudent
 from .m2_teacher import M2Teacher
