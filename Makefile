@@ -46,8 +46,9 @@ benchmark-quality: $(STAMP) $(FMNIST)
 benchmark-noise: $(STAMP) $(FMNIST)
 	$(PY) benchmarks/target_noise.py --force
 
-# One GPU check (about 9 minutes on one H100/H200): CUDA tests, speed.py eager / --real /
-# --compile at ResNet-50 224 px and ResNet-18 96 px; JSON and a table under
+# One GPU check (at most 9 minutes on one H100/H200, step caps within the budget): CUDA tests,
+# speed.py eager and --real at ResNet-50 224 px and ResNet-18 96 px, --compile at ResNet-18;
+# JSON and a table under
 # benchmarks/results/gpu_check_<date>/. GPU_PY: a Python with torch, torchvision and timm.
 GPU_PY ?= python3
 gpu-check:

@@ -137,6 +137,10 @@ class LightlyBYOL(nn.Module):
         self._update_momentum(self.projection_head, self.projection_head_momentum, m=1 - one_minus_m)
 
 
+ARMS = ("ceiling", "byol_bn", "m2", "m2_reference", "m2_grouped", "m2_bf16", "m2_augment",
+        "mocov2_shuffle", "mocov2_momentum", "lightly_byol")
+
+
 def make_arm(name: str, arch: str, heads: dict, batch: int, bn_group_size: int = 0) -> nn.Module:
     if name == "ceiling":
         return Ceiling(arch)
@@ -226,50 +230,77 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_steps(args, arms: list[str] | None = None) -> dict:
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+RATIO_PAIRS = [("m2", "ceiling"), ("m2", "byol_bn"), ("m2_reference", "m2"), ("m2_grouped", "m2"),
+               ("mocov2_momentum", "mocov2_shuffle"), ("m2", "lightly_byol"),
+               ("byol_bn", "lightly_byol"), ("m2_bf16", "m2"), ("m2_augment", "m2")]
+
+
+def default_arms(args) -> list[str]:
+    """The arms ``bench_steps`` runs without ``--arms``."""
+    arms = ["ceiling", "byol_bn", "m2", "m2_reference", "m2_grouped"]
+    arms += ["mocov2_shuffle", "mocov2_momentum"] if args.moco else []
+    arms += ["lightly_byol"] if args.peer == "lightly" else []
+    arms += ["m2_bf16"] if args.cpu_bf16 and args.device != "cuda" else []
+    return arms
+
+
+def _summary(args, times: dict, peak: dict) -> dict:
+    """Medians, rates and ratios of the arms timed so far."""
+    med = {a: statistics.median(t) for a, t in times.items() if t}
+    ratios = {f"{a}/{b}": med[a] / med[b] for a, b in RATIO_PAIRS if a in med and b in med}
+    return {
+        "arms": {a: {"median_s": med[a], "all_s": times[a], "images_per_s": 2 * args.batch / med[a],
+                     "peak_mem_gib": peak[a]} for a in med},
+        "ratios": ratios,
+    }
+
+
+def bench_steps(args, arms: list[str] | None = None, on_arm=None) -> dict:
+    """Time one training step per arm on device-resident batches.
+
+    Each arm is built, warmed up (compiled) and timed once in turn, then the remaining
+    ``repeats - 1`` rounds run interleaved over all arms. ``on_arm(result)`` is called with the
+    summary of every arm timed so far after each arm's first round and after each later round
+    (``main`` writes ``--json`` there, so a run stopped by a time limit keeps what finished).
+    """
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    amp = torch.bfloat16 if cuda else None
+    amp = AMP[args.amp]
     heads = dict(proj_hidden=args.proj_hidden, proj_out=args.proj_out, pred_hidden=args.proj_hidden)
-    if arms is None:
-        arms = ["ceiling", "byol_bn", "m2", "m2_reference", "m2_grouped"]
-        arms += ["mocov2_shuffle", "mocov2_momentum"] if args.moco else []
-        arms += ["lightly_byol"] if args.peer == "lightly" else []
-        arms += ["m2_bf16"] if args.cpu_bf16 and not cuda else []
+    arms = arms or args.arms or default_arms(args)
     torch.manual_seed(0)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     v1 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
     v2 = torch.randn(args.batch, 3, args.res, args.res, device=device).contiguous(memory_format=fmt)
-    steps = {a: Step(a, make_arm(a, args.arch, heads, args.batch, args.bn_group_size), device,
-                     torch.bfloat16 if a == "m2_bf16" else amp, cuda, args.compile, args.res,
-                     args.batch) for a in arms}
-    peak = {}
-    for a, st in steps.items():  # warm-up (and compilation), peak memory per arm
+    times, peak, steps = {a: [] for a in arms}, {}, {}
+    on_arm = on_arm or (lambda result: None)
+
+    def timed(a):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.inner):
+            steps[a](v1, v2)
+        sync(device)
+        times[a].append((time.perf_counter() - t0) / args.inner)
+
+    for a in arms:  # build, warm up (compile), peak memory, first timed round
+        steps[a] = Step(a, make_arm(a, args.arch, heads, args.batch, args.bn_group_size), device,
+                        torch.bfloat16 if a == "m2_bf16" else amp, args.channels_last,
+                        args.compile, args.res, args.batch)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
-            st(v1, v2)
+            steps[a](v1, v2)
         sync(device)
         peak[a] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    times = {a: [] for a in arms}
-    for _ in range(args.repeats):  # interleaved
-        for a, st in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.inner):
-                st(v1, v2)
-            sync(device)
-            times[a].append((time.perf_counter() - t0) / args.inner)
-    med = {a: statistics.median(t) for a, t in times.items()}
-    pairs = [("m2", "ceiling"), ("m2", "byol_bn"), ("m2_reference", "m2"), ("m2_grouped", "m2"),
-             ("mocov2_momentum", "mocov2_shuffle"), ("m2", "lightly_byol"),
-             ("byol_bn", "lightly_byol"), ("m2_bf16", "m2"), ("m2_augment", "m2")]
-    ratios = {f"{a}/{b}": med[a] / med[b] for a, b in pairs if a in med and b in med}
-    return {
-        "arms": {a: {"median_s": med[a], "all_s": times[a], "images_per_s": 2 * args.batch / med[a],
-                     "peak_mem_gib": peak[a]} for a in arms},
-        "ratios": ratios,
-    }
+        timed(a)
+        on_arm(_summary(args, times, peak))
+    for _ in range(args.repeats - 1):  # interleaved
+        for a in arms:
+            timed(a)
+        on_arm(_summary(args, times, peak))
+    return _summary(args, times, peak)
 
 
 def _with_torchvision_blur(tf):
@@ -430,6 +461,12 @@ def main(argv=None) -> None:
     ap.add_argument("--bn-group-size", type=int,
                     help="m2_grouped arm's BN group (default: a quarter of --batch, 32 on CUDA)")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--arms", type=lambda s: s.split(","),
+                    help="comma-separated arms to run (default: see above)")
+    ap.add_argument("--amp", choices=sorted(AMP), help="autocast dtype of the step arms "
+                    "(default: bf16 on CUDA, fp32 on the CPU; m2_bf16 is always bf16)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                    help="channels-last models and batches (default: on CUDA)")
     ap.add_argument("--moco", action="store_true", help="add the MoCo v2 arms (shuffle BN vs Momentum BN)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inner", type=int, default=3, help="steps per timed repeat")
@@ -451,6 +488,11 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
+    args.amp = args.amp or ("bf16" if cuda else "fp32")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    unknown = sorted(set(args.arms or []) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
     args.arch = args.arch or ("resnet50" if cuda else "resnet18")
     args.res = args.res or (224 if cuda else 64)
     args.batch = args.batch or (128 if cuda else 16)
@@ -467,8 +509,14 @@ def main(argv=None) -> None:
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "arch": args.arch, "res": args.res, "batch_per_view": args.batch,
               "bn_group_size": args.bn_group_size,
-              "compile": args.compile, "amp": "bf16" if cuda else "fp32",
-              "channels_last": cuda, "command": " ".join(sys.argv)}
+              "compile": args.compile, "amp": args.amp,
+              "channels_last": args.channels_last, "command": " ".join(sys.argv)}
+
+    def write_json(partial: dict | None = None) -> None:
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({**result, **(partial or {})}, indent=2))
+
     if args.real:
         import tempfile
 
@@ -480,7 +528,7 @@ def main(argv=None) -> None:
                     raise SystemExit(f"--real: unknown dataset {kind!r} (stl10, imagefolder)")
                 result["real"].append(bench_real(args, kind, Path(tmp)))
     else:
-        result.update(bench_steps(args))
+        result.update(bench_steps(args, on_arm=write_json))
     if args.pipeline:
         result["pipeline"] = bench_pipeline(args)
     print(f"{result['device']}, {args.arch} {args.res}px, {args.batch}/view, "
@@ -501,9 +549,7 @@ def main(argv=None) -> None:
               f"rate ({r['m2_augment_images_per_s']:.1f} images/s)")
     for k, v in result.get("pipeline", {}).items():
         print(f"pipeline {k:<32}{v:>8.1f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One GPU check (make gpu-check): the CUDA tests, then benchmarks/speed.py eager at
-# ResNet-50 224 px 128/view and ResNet-18 96 px 256/view, --real at both, --compile at
-# ResNet-18 (then ResNet-50 if time is left). Every step runs under `timeout`, the whole run
-# within --budget seconds (default 540); each step writes JSON (or a log) under the output
-# folder, and scripts/gpu_check_table.py prints one table against the targets.
+# ResNet-50 224 px 128/view and ResNet-18 96 px 256/view, --real at both, and --compile at
+# ResNet-18 (the byol_bn and m2 arms). Each step runs under `timeout` with the cap declared in
+# CAPS below; the caps add up to the budget (default 540 s) less a margin, and scale with
+# --budget, so the whole run fits by construction. Each step writes JSON (speed.py after every
+# arm, so a step stopped by its cap keeps the arms that finished) or a log under the output
+# folder; scripts/gpu_check_table.py prints one table against the targets.
 #
 #   bash scripts/gpu_check.sh [--python PY] [--out DIR] [--budget S] [--workers N] [--dry-run]
 #
@@ -23,11 +25,29 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET="$2"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+
+# Step caps in seconds at the default budget, in run order; MARGIN is left for the start, the
+# table and the time `timeout --kill-after` may add. Scaled by BUDGET / 540.
+CAPS=(setup:45 cuda_tests:90 eager_r50:70 eager_r18:40 real_r18:60 real_r50:90 compile_r18:90)
+MARGIN=55
+declare -A CAP
+total=0
+for c in "${CAPS[@]}"; do
+  CAP[${c%%:*}]=$(( ${c#*:} * BUDGET / 540 ))
+  total=$(( total + CAP[${c%%:*}] ))
+done
+MARGIN=$(( MARGIN * BUDGET / 540 ))
+if [ $(( total + MARGIN )) -gt "$BUDGET" ]; then
+  echo "gpu_check.sh: the step caps (${total}s) and the margin (${MARGIN}s) exceed the budget" \
+    "(${BUDGET}s); lower a cap in CAPS" >&2
+  exit 2
+fi
+echo "budget ${BUDGET}s: step caps add up to ${total}s, margin $(( BUDGET - total ))s"
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_check_$(date -u +%Y%m%d_%H%M%S)}"
@@ -41,10 +61,10 @@ if [ -z "$WORKERS" ]; then
   WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
 fi
 
-# step NAME SECONDS CMD...: run CMD under timeout (capped by what is left of the budget),
-# log to $OUT/NAME.log, record "NAME rc seconds" in $OUT/steps.tsv.
+# step NAME CMD...: run CMD under timeout (its cap, or what is left of the budget if less),
+# log to $OUT/NAME.log, record "NAME rc seconds" in $OUT/steps.tsv (rc 124/137: timed out).
 step() {
-  local name="$1" limit="$2"; shift 2
+  local name="$1" limit="${CAP[$1]}"; shift
   local left=$(( BUDGET - ($(date +%s) - START) ))
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$DRY" = 1 ]; then
@@ -68,33 +88,32 @@ step() {
 if [ "$DRY" = 0 ]; then
   "$PY" -c "import torch, torchvision, timm; assert torch.cuda.is_available(), 'no CUDA device'" \
     || { echo "gpu_check.sh: $PY needs torch, torchvision, timm and a CUDA device" >&2; exit 1; }
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
-    || echo "   (pip install --no-deps -e . failed; using PYTHONPATH=$PWD)"
+fi
+step setup bash -c '
+  "$0" -m pip install -q --no-deps --no-build-isolation -e . \
+    || echo "(pip install --no-deps -e . failed; using PYTHONPATH)"
   for pair in yaml:PyYAML tqdm:tqdm cv2:opencv-python-headless PIL:pillow pytest:pytest numpy:numpy; do
     mod="${pair%%:*}"; pkg="${pair#*:}"
-    "$PY" -c "import $mod" 2>/dev/null || "$PY" -m pip install -q "$pkg" >> "$OUT/install.log" 2>&1 \
-      || echo "   could not install $pkg (module $mod); steps that need it will fail"
+    "$0" -c "import $mod" 2>/dev/null || "$0" -m pip install -q "$pkg" \
+      || echo "could not install $pkg (module $mod); steps that need it will fail"
   done
-  "$PY" - > "$OUT/device.json" <<'PYEOF'
-import json, torch
-print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "cuda": torch.version.cuda}))
-PYEOF
-fi
+  "$0" -c "import json, torch; print(json.dumps({\"device\": torch.cuda.get_device_name(),
+    \"torch\": torch.__version__, \"cuda\": torch.version.cuda}))" > "$1/device.json"' "$PY" "$OUT"
 
 SPEED=("$PY" benchmarks/speed.py --device cuda)
 R50=(--arch resnet50 --res 224 --batch 128)
 R18=(--arch resnet18 --res 96 --batch 256)
-step cuda_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_bn.py \
-  tests/test_no_sync.py tests/test_momentum_bn.py tests/test_batch_augment.py -k "cuda or sync"
-step eager_r50 120 "${SPEED[@]}" "${R50[@]}" --json "$OUT/eager_r50.json"
-step eager_r18 90 "${SPEED[@]}" "${R18[@]}" --json "$OUT/eager_r18.json"
-step real_r18 120 "${SPEED[@]}" "${R18[@]}" --real stl10 --real-steps 30 --workers "$WORKERS" \
+step cuda_tests "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_bn.py \
+  tests/test_no_sync.py tests/test_momentum_bn.py tests/test_batch_augment.py \
+  tests/test_gpu_like.py -k "cuda or sync"
+step eager_r50 "${SPEED[@]}" "${R50[@]}" --json "$OUT/eager_r50.json"
+step eager_r18 "${SPEED[@]}" "${R18[@]}" --json "$OUT/eager_r18.json"
+step real_r18 "${SPEED[@]}" "${R18[@]}" --real stl10 --real-steps 30 --workers "$WORKERS" \
   --repeats 3 --json "$OUT/real_r18.json"
-step real_r50 150 "${SPEED[@]}" "${R50[@]}" --real imagefolder --real-steps 20 --workers "$WORKERS" \
+step real_r50 "${SPEED[@]}" "${R50[@]}" --real imagefolder --real-steps 20 --workers "$WORKERS" \
   --repeats 3 --json "$OUT/real_r50.json"
-step compile_r18 150 "${SPEED[@]}" "${R18[@]}" --compile --repeats 3 --json "$OUT/compile_r18.json"
-step compile_r50 150 "${SPEED[@]}" "${R50[@]}" --compile --repeats 3 --json "$OUT/compile_r50.json"
+step compile_r18 "${SPEED[@]}" "${R18[@]}" --compile --arms byol_bn,m2 --repeats 3 \
+  --json "$OUT/compile_r18.json"
 
 "$PY" scripts/gpu_check_table.py "$OUT" | tee "$OUT/table.md"
 echo "results in $OUT ($(( $(date +%s) - START ))s)"

@@ -22,6 +22,7 @@ from ..checkpoint import (
 )
 from ..config import Config, bn_groups, check_encoder, config_from_dict, save_config
 from ..data.feed import TwoViewFeed
+from ..layers.fused_bn import fused_bn_status
 from ..models.schedules import RunSchedule, Schedule
 from ..models.build import build_augmentation, build_model
 from .distributed import check_sync_norms, init_distributed, resolve_device, wrap_ddp
@@ -39,6 +40,10 @@ from .run_dir import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["DivergedStateError", "NonFiniteLossError", "Schedule", "Trainer"]
+
+# Devices on which ``train.channels_last`` lays out the model and the views channels-last (the
+# GPU-like test mode adds "cpu").
+CHANNELS_LAST_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -78,6 +83,9 @@ class Trainer:
         self.allow_config_changes = allow_config_changes
         self.device = resolve_device(cfg.train.device)
         self.cuda = self.device.type == "cuda"
+        self.memory_format = (torch.channels_last if cfg.train.channels_last
+                              and self.device.type in CHANNELS_LAST_DEVICES
+                              else torch.contiguous_format)
         check_encoder(cfg)  # before anything is written
         self.dist = init_distributed(self.device.type)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
@@ -111,7 +119,7 @@ class Trainer:
         distributed = self.dist.world_size > 1
         check_sync_norms(cfg, distributed, self.cuda)
         self.model = build_model(cfg, distributed).to(self.device)
-        if self.cuda and cfg.train.channels_last:
+        if self.memory_format == torch.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # the divergence rule's reference: the freshly built model
         self.guard = StateGuard(self.model)
@@ -124,10 +132,8 @@ class Trainer:
             self.step_module = torch.compile(self.step_module)
 
     def _build_data(self) -> None:
-        fmt = torch.channels_last if self.cuda and self.cfg.train.channels_last else \
-            torch.contiguous_format
         self.feed = TwoViewFeed(self.cfg, build_augmentation(self.cfg), self.device,
-                                self.dist.rank, self.dist.world_size, fmt)
+                                self.dist.rank, self.dist.world_size, self.memory_format)
         self.batches_per_epoch = self.feed.batches_per_epoch
 
     def _build_schedule(self) -> None:
@@ -157,7 +163,8 @@ class Trainer:
                      "std": list(cfg.data.std), "method": cfg.model.method,
                      "teacher_norm": cfg.model.teacher_norm,
                      "student_norm": cfg.model.student_norm,
-                     "bn_group_size": cfg.train.bn_group_size, "bn_groups": bn_groups(cfg)},
+                     "bn_group_size": cfg.train.bn_group_size, "bn_groups": bn_groups(cfg),
+                     "fused_bn": fused_bn_status()},
         })
         return state
 

@@ -17,6 +17,14 @@
   path serves fp32 inputs, with the native CPU ``batch_norm_update_stats`` and
   :func:`batch_norm_elemt_cpu` (inference-mode native batch norm) as the two kernels: the
   statistics pass of BN itself, several times faster than a ``var_mean`` over a strided view.
+  The first fused call per process, device and dtype is checked against the composite on the
+  same batch; a failure switches that device and dtype to the composite
+  (:func:`fused_bn_status`, docs/method.md "Self-check of the fused path").
+
+Both paths compute the statistics, the mix and the lazy update in fp32 with autocast off
+(under bf16/fp16 autocast the mix's matrix product would run in 16 bits, handing the kernels
+16-bit ``mean``/``invstd`` and rounding the running statistics); the output keeps the input's
+dtype and memory format.
 
 Semantics (docs/method.md, "Momentum BN"): the batch is ``[view][group][sample]``; each slice is
 normalised with ``alpha * batch + (1 - alpha) * running`` statistics of its group (biased
@@ -27,12 +35,14 @@ batch statistics.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable, Optional
 
 import torch
 
 from .memory import memory_format_of
 
+logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 StatsFn = Callable[[Tensor, Optional[Tensor], Optional[Tensor], float], tuple[Tensor, Tensor]]
 ElemtFn = Callable[..., Tensor]
@@ -59,6 +69,14 @@ def momentum_bn_train_composite(x: Tensor, num_views: int, num_groups: int,
     :func:`momentum_bn_train_fused`). Statistics and the normalisation are computed in fp32
     (an fp32 copy of ``x``); differentiable through ``x``, ``weight`` and ``bias``; the running
     statistics are updated in place without gradient."""
+    with torch.autocast(x.device.type, enabled=False):  # fp32 statistics (module docstring)
+        return _composite(x, num_views, num_groups, running_mean, running_var, alpha, weight,
+                          bias, eps)
+
+
+def _composite(x: Tensor, num_views: int, num_groups: int, running_mean: Tensor,
+               running_var: Tensor, alpha: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor], eps: float) -> Tensor:
     n = _check(x, num_views, num_groups, running_mean)
     v, g, c = num_views, num_groups, x.shape[1]
     xf = x.float().view(v, g, n, *x.shape[1:])  # (V, G, N, C, *spatial); splits dim 0 only
@@ -144,19 +162,22 @@ def momentum_bn_train(x: Tensor, num_views: int, num_groups: int, running_mean: 
     v, g, c = num_views, num_groups, x.shape[1]
     k = v * g
     parts = [x[i * n : (i + 1) * n] for i in range(k)]
-    stats = [stats_fn(p, None, None, 0.0) for p in parts]  # fp32 (mean, biased var)
     rm, rv = running_mean.view(g, c), running_var.view(g, c)
-    table = torch.cat([s[0][None] for s in stats] + [rm] + [s[1][None] for s in stats]
-                      + [rv, _ones(c, x.device)])  # (2R + 1, C), R = K + G
-    m0, m1 = _mixing(v, g, float(eps), x.device)
-    mix = torch.lerp(m0, m1, alpha)
-    if _ieee_matmul(table):
-        out = torch.mm(mix, table)  # (2R, C)
-    else:  # reduced-precision fp32 products would cost the statistics their precision
-        out = torch.mm(mix.double(), table.double()).float()
-    r = k + g
-    torch._foreach_copy_([rm, rv], [out[k:r], out[r + k :]])  # the lazy update
-    mean, invstd = out[:k], out[r : r + k].rsqrt_()
+    # Autocast would run the mix (a matrix product) in bf16/fp16: the statistics, the lazy
+    # update and the kernels' fp32 mean/invstd contract all need fp32 (as SyncBatchNorm).
+    with torch.autocast(x.device.type, enabled=False):
+        stats = [stats_fn(p, None, None, 0.0) for p in parts]  # fp32 (mean, biased var)
+        table = torch.cat([s[0][None] for s in stats] + [rm] + [s[1][None] for s in stats]
+                          + [rv, _ones(c, x.device)])  # (2R + 1, C), R = K + G
+        m0, m1 = _mixing(v, g, float(eps), x.device)
+        mix = torch.lerp(m0, m1, alpha)
+        if _ieee_matmul(table):
+            out = torch.mm(mix, table)  # (2R, C)
+        else:  # reduced-precision fp32 products would cost the statistics their precision
+            out = torch.mm(mix.double(), table.double()).float()
+        r = k + g
+        torch._foreach_copy_([rm, rv], [out[k:r], out[r + k :]])  # the lazy update
+        mean, invstd = out[:k], out[r : r + k].rsqrt_()
     if k == 1:
         return elemt_fn(x, weight, bias, mean[0], invstd[0], eps)
     y = torch.empty_like(x)  # same memory format as x
@@ -178,6 +199,81 @@ def batch_norm_elemt_cpu(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     torch.ops.aten.native_batch_norm.out(x, weight, bias, mean, var, False, 0.0, 0.0, out=out,
                                          save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
     return out
+
+
+# ----------------------------------------------------------------------------- self-check
+# (device, dtype, path) -> None once the fused path matched the composite there, or the
+# reason it was disabled. One entry per process and combination (see momentum_bn_train_fused).
+_SELF_CHECK: dict[tuple[str, torch.dtype, str], Optional[str]] = {}
+
+
+def self_check_tolerance(dtype: torch.dtype) -> float:
+    """Largest accepted difference between the fused and the composite output, relative to
+    ``max(1, max |composite output|)``: four units in the last place of ``dtype`` (16-bit
+    outputs are two roundings of nearly equal fp32 values), at least 1e-4 (fp32: a Welford
+    and a two-pass variance). The running statistics must agree to 1e-4 relative."""
+    return max(4 * torch.finfo(dtype).eps, 1e-4)
+
+
+def _compare(y: Tensor, ref: Tensor, x: Tensor, stats: list[Tensor],
+             ref_stats: list[Tensor]) -> Optional[str]:
+    """Why the fused result differs from the composite's, or None."""
+    fmt = memory_format_of(x)
+    if y.dtype != x.dtype or y.shape != x.shape or not y.is_contiguous(memory_format=fmt):
+        return (f"output {y.dtype} {tuple(y.shape)} strides {y.stride()} for an input "
+                f"{x.dtype} in {fmt}")
+    scale = max(1.0, float(ref.float().abs().max()))
+    err = float((y.float() - ref.float()).abs().max()) / scale
+    if not err <= self_check_tolerance(x.dtype):  # also catches NaN
+        return (f"output differs from the composite by {err:.3g} (relative; tolerance "
+                f"{self_check_tolerance(x.dtype):.3g})")
+    for name, a, b in zip(("running mean", "running var"), stats, ref_stats):
+        err = float(((a - b).abs() / (1 + b.abs())).max())
+        if not err <= 1e-4:
+            return f"{name} differs from the composite's by {err:.3g} (tolerance 1e-4)"
+    return None
+
+
+def _self_checked(path: str, fused: Callable[..., Tensor], args: tuple) -> Tensor:
+    """``fused(*args)``, checked against the composite the first time ``path`` runs for this
+    device and dtype in the process; after a failure, the composite."""
+    x, v, g, rm, rv, alpha, weight, bias, eps = args
+    key = (str(x.device), x.dtype, path)
+    state = _SELF_CHECK.get(key, "unchecked")
+    if state is None:
+        return fused(*args)
+    if state != "unchecked":
+        return momentum_bn_train_composite(*args)
+    stats = [rm.clone(), rv.clone()]
+    ref = momentum_bn_train_composite(*args)  # updates rm, rv: the layer's own state
+    try:
+        y = fused(x, v, g, *stats, alpha, weight, bias, eps)
+        reason = _compare(y, ref, x, stats, [rm, rv])
+    except Exception as e:  # noqa: BLE001 - any failure of the kernels disables them
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    _SELF_CHECK[key] = reason
+    if reason is not None:
+        logger.warning("Momentum BN: the fused path failed its self-check on %s %s (torch %s): "
+                       "%s; using the composite from now on", x.device, x.dtype,
+                       torch.__version__, reason)
+    return ref
+
+
+def fused_bn_status() -> str:
+    """The fused path's state in this process, for a run's metadata: ``"disabled (<device>
+    <dtype>: <reason>)"`` after a failed self-check, else ``"enabled (checked on ...)"``, or
+    ``"not used"``."""
+    failed = [f"{d} {str(t).replace('torch.', '')}: {r}" for (d, t, _), r in _SELF_CHECK.items()
+              if r is not None]
+    if failed:
+        return f"disabled ({'; '.join(failed)})"
+    passed = sorted({f"{d} {str(t).replace('torch.', '')}" for d, t, _ in _SELF_CHECK})
+    return f"enabled (checked on {', '.join(passed)})" if passed else "not used"
+
+
+def reset_self_check() -> None:
+    """Forget every self-check result (tests that register other kernels)."""
+    _SELF_CHECK.clear()
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -228,7 +324,11 @@ def momentum_bn_train_fused(x: Tensor, num_views: int, num_groups: int, running_
     if torch.compiler.is_compiling() or needs_grad or x.dtype == torch.float64:
         return momentum_bn_train_composite(*args)
     if fused_kernels_available(x):
-        return momentum_bn_train(*args)
+        return _self_checked("kernels", momentum_bn_train, args)
     if x.device.type == "cpu" and x.dtype == torch.float32:
-        return momentum_bn_train(*args, elemt_fn=batch_norm_elemt_cpu)
+        return _self_checked("cpu", _momentum_bn_train_cpu, args)
     return momentum_bn_train_composite(*args)
+
+
+def _momentum_bn_train_cpu(*args) -> Tensor:
+    return momentum_bn_train(*args, elemt_fn=batch_norm_elemt_cpu)
