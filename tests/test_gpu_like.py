@@ -22,6 +22,7 @@ import cpu_bn_kernels as K
 from helpers import tiny_config
 from m2_pretrain.checkpoint import checkpoint_path
 from m2_pretrain.engine import trainer as trainer_mod
+from m2_pretrain.export import export_encoder, load_exported_encoder
 from m2_pretrain.layers import fused_bn as FB
 from m2_pretrain.layers.momentum_bn import MomentumBatchNorm, momentum_bn_modules
 from test_fused_bn import ALPHAS, plain_momentum_bn
@@ -186,18 +187,18 @@ def test_speed_arms_one_step_each(gpu_like, tmp_path):
 
 
 # ----------------------------------------------------------------------------- self-check
-def _wrong_elemt(x, weight, bias, mean, invstd, eps):  # noqa: ARG001
-    """A ``batch_norm_elemt`` that forgets the bias."""
-    return K.elemt_kernel(x, weight, None, mean, invstd, eps)
+def _wrong_elemt(x, weight, bias, mean, invstd, eps):
+    """A ``batch_norm_elemt`` that forgets to subtract the mean."""
+    return K.elemt_kernel(x, weight, bias, torch.zeros_like(mean), invstd, eps)
 
 
-def _wrong_elemt_out(x, weight, bias, mean, invstd, eps, *, out):  # noqa: ARG001
-    return K.elemt_out_kernel(x, weight, None, mean, invstd, eps, out=out)
+def _wrong_elemt_out(x, weight, bias, mean, invstd, eps, *, out):
+    return K.elemt_out_kernel(x, weight, bias, torch.zeros_like(mean), invstd, eps, out=out)
 
 
 @pytest.fixture
 def wrong_kernels():
-    """The contract kernels with a ``batch_norm_elemt`` that drops the bias."""
+    """The contract kernels with a ``batch_norm_elemt`` that ignores the mean."""
     FB.reset_self_check()
     lib = torch.library.Library("aten", "IMPL")
     try:
@@ -217,7 +218,7 @@ def test_self_check_disables_a_wrong_kernel_and_records_it(wrong_kernels, caplog
         layer.bias.fill_(0.5)
     ref = MomentumBatchNorm(C, num_views=V, num_groups=G).requires_grad_(False)
     ref.load_state_dict(layer.state_dict())
-    x = torch.randn(8, C, 3, 3)
+    x = torch.randn(8, C, 3, 3) + 1
     with caplog.at_level(logging.WARNING, logger=FB.__name__), torch.no_grad():
         y = layer(x)
         y2 = layer(x + 1)
@@ -236,6 +237,20 @@ def test_self_check_disables_a_wrong_kernel_and_records_it(wrong_kernels, caplog
                                                   ref.alpha, ref.weight, ref.bias, ref.eps)
             assert torch.equal(got, want)
     assert torch.equal(layer.running_mean, ref.running_mean)
+
+
+@pytest.mark.slow
+def test_disabled_fused_path_is_recorded_in_checkpoint_and_export_header(wrong_kernels,
+                                                                          tmp_path):
+    cfg = tiny_config(train={"max_steps": 2, "batch_size": 4}, checkpoint={"every_steps": 2})
+    tr = trainer_mod.Trainer(cfg, tmp_path / "run", progress=False)
+    assert tr.fit()["status"] == "completed"
+    ckpt = checkpoint_path(tmp_path / "run", 2)
+    status = torch.load(ckpt, weights_only=False)["meta"]["fused_bn"]
+    assert status.startswith("disabled (cpu float32: output differs from the composite")
+    _, meta = load_exported_encoder(tmp_path / "enc.safetensors") if export_encoder(
+        ckpt, tmp_path / "enc.safetensors") else (None, None)
+    assert meta["fused_bn"] == status
 
 
 def test_self_check_disables_a_kernel_that_raises_without_touching_the_state(caplog):
