@@ -79,6 +79,7 @@ from m2_pretrain.config import Config, load_config  # noqa: E402
 from m2_pretrain.data.augment import Normalizer  # noqa: E402
 from m2_pretrain.data.datasets import FASHION_MNIST_DEFAULT_ROOT, build_dataset  # noqa: E402
 from m2_pretrain.data.sampling import SeededSample, collate_pairs  # noqa: E402
+from m2_pretrain.engine.hooks import PeriodicHook  # noqa: E402
 from m2_pretrain.engine.trainer import Trainer  # noqa: E402
 from m2_pretrain.models.build import build_augmentation, build_model  # noqa: E402
 from m2_pretrain.eval.protocols import recount_bn_statistics  # noqa: E402
@@ -317,40 +318,37 @@ def run_config(args, teacher_norm: str) -> Config:
     ])
 
 
-class NoiseTrainer(Trainer):
-    """Trainer that logs the target noise of its teacher every ``every`` steps (and at step 0)
-    and keeps the teacher's state at ``snapshot_steps``.
+class NoiseRecorder:
+    """The target noise of a run's teacher every ``every`` steps (and at step 0), and the
+    teacher's state at ``snapshot_steps``, as a trainer hook.
 
     The noise is measured on a copy of the model whose alpha is the schedule's value for the
     next step (the teacher that step's targets come from); the run itself is not touched.
+    Hand :attr:`hook` to the trainer and call :meth:`record` once before ``fit()``.
     """
 
-    def __init__(self, cfg: Config, output_dir, probe: Callable[[M2Teacher], dict], every: int,
-                 snapshot_steps=(), **kwargs) -> None:
-        super().__init__(cfg, output_dir, **kwargs)
-        self.probe, self.every, self.snapshot_steps = probe, every, set(snapshot_steps)
+    def __init__(self, probe: Callable[[M2Teacher], dict], every: int, snapshot_steps=()) -> None:
+        self.probe, self.snapshot_steps = probe, set(snapshot_steps)
+        self.hook = PeriodicHook("target_noise", every, self.record)
         self.noise: list[dict] = []
         self.snapshots: dict[int, dict] = {}
 
-    def record(self) -> None:
-        model = copy.deepcopy(self.model)
-        alpha = momentum_bn_alpha(self.step, self.total_steps, self.cfg.model.alpha_base)
+    def record(self, tr: Trainer) -> None:
+        model = copy.deepcopy(tr.model)
+        alpha = momentum_bn_alpha(tr.step, tr.total_steps, tr.cfg.model.alpha_base)
         model.set_alpha(alpha)
-        self.noise.append({"step": self.step, "alpha": alpha if self.cfg.model.teacher_norm ==
+        self.noise.append({"step": tr.step, "alpha": alpha if tr.cfg.model.teacher_norm ==
                            "momentum" else None, **self.probe(model)})
-        if self.step in self.snapshot_steps:
-            self.snapshots[self.step] = {k: v.detach().cpu().clone()
-                                         for k, v in model.teacher.state_dict().items()}
+        if tr.step in self.snapshot_steps:
+            self.snapshots[tr.step] = {k: v.detach().cpu().clone()
+                                       for k, v in model.teacher.state_dict().items()}
 
-    def fit(self) -> dict:
-        if self.step == 0:
-            self.record()
-        return super().fit()
 
-    def after_step(self) -> None:
-        super().after_step()
-        if self.step % self.every == 0 or self.step == self.total_steps:
-            self.record()
+def noise_run(cfg: Config, output_dir, recorder: NoiseRecorder, **kwargs) -> dict:
+    """``Trainer(cfg, output_dir, **kwargs).fit()`` with ``recorder`` measuring along it."""
+    tr = Trainer(cfg, output_dir, hooks=[recorder.hook], **kwargs)
+    recorder.record(tr)
+    return tr.fit()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -498,11 +496,11 @@ def main(argv=None) -> dict:
         work = Path(args.work) / arm.replace("/", "-")
         shutil.rmtree(work, ignore_errors=True)  # the benchmark's own scratch
         snaps = args.snapshots if RUN_ARMS[arm] == "momentum" else ()
-        tr = NoiseTrainer(cfg, work, probe, args.noise_every, snaps, progress=args.progress)
-        res = tr.fit()
-        loss = {h["step"]: h["loss"] for h in res["history"]}
-        runs[f"{arm}@{args.run_group}"] = [{**n, "loss": loss.get(n["step"])} for n in tr.noise]
-        snapshots.update(tr.snapshots)
+        rec = NoiseRecorder(probe, args.noise_every, snaps)
+        res = noise_run(cfg, work, rec, progress=args.progress)
+        loss = {h["step"]: h["loss"] for h in res["history"] if "loss" in h}
+        runs[f"{arm}@{args.run_group}"] = [{**n, "loss": loss.get(n["step"])} for n in rec.noise]
+        snapshots.update(rec.snapshots)
         for n in runs[f"{arm}@{args.run_group}"]:
             log(f"{arm:>14} step {n['step']:4d}: z' noise {n['z_noise']['mean']:.2e} "
                 f"floor {n['loss_floor']['mean']:.3f} loss {n['loss'] or float('nan'):.3f}")

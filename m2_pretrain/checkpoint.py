@@ -36,9 +36,11 @@ _RESUME_KEYS = ("student", "teacher", "config", "optimizer", "step", "rng")
 
 
 def is_training_checkpoint(obj: Any) -> bool:
-    """True for anything shaped like a full training checkpoint (student, teacher and config):
-    the file to export an encoder from, not an encoder."""
-    return isinstance(obj, dict) and {"student", "teacher", "config"} <= set(obj)
+    """True for anything shaped like a full training checkpoint (a ``student`` branch, whatever
+    other branches the method saves, and the config): the file to export an encoder from, not
+    an encoder."""
+    return (isinstance(obj, dict) and {"student", "config"} <= set(obj)
+            and isinstance(obj["student"], dict))
 
 
 def is_resumable_checkpoint(obj: Any) -> bool:
@@ -61,11 +63,12 @@ def first_non_finite(named: Iterable[tuple[str, Any]]) -> Optional[str]:
 
 
 def checkpoint_tensors(ckpt: dict) -> Iterable[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every tensor a training checkpoint resumes from: the branches,
-    the predictor, the model's own buffers and the optimizer state."""
-    for part in ("student", "teacher", "predictor", "extra"):
-        for k, v in (ckpt.get(part) or {}).items():
-            yield f"{part}.{k}", v
+    """``(name, tensor)`` for every tensor a training checkpoint resumes from: the method's
+    parts (every state-dict entry), the model's own buffers and the optimizer state."""
+    for part, sd in ckpt.items():
+        if part not in ("optimizer", "config", "meta", "rng") and isinstance(sd, dict):
+            for k, v in sd.items():
+                yield f"{part}.{k}", v
     opt = ckpt.get("optimizer") or {}
     for i, state in (opt.get("state") or {}).items():
         for k, v in state.items():

@@ -44,6 +44,14 @@ class MoCoConfig:
     shuffle_splits: int = 2  # single-process shuffle BN sub-batches
 
 
+@dataclass
+class SimSiamConfig:
+    """SimSiam (``model.method: simsiam``; Chen & He 2021)."""
+
+    dim: int = 2048  # projector width and output (3 layers, BN on the output)
+    pred_hidden: int = 512  # predictor bottleneck (dim -> pred_hidden -> dim)
+
+
 # flat ``model`` keys of older configs -> their key in ``model.moco``
 MOCO_RENAMED = {"moco_dim": "dim", "moco_hidden": "hidden", "moco_queue": "queue",
                 "moco_temperature": "temperature", "key_norm": "key_norm",
@@ -52,7 +60,7 @@ MOCO_RENAMED = {"moco_dim": "dim", "moco_hidden": "hidden", "moco_queue": "queue
 
 @dataclass
 class ModelConfig:
-    method: str = "m2"  # "m2" (Momentum² Teacher / BYOL family) or "mocov2"
+    method: str = "m2"  # "m2" (Momentum² Teacher / BYOL family), "mocov2" or "simsiam"
     arch: str = "resnet18"  # any timm CNN
     proj_hidden: int = 512
     proj_out: int = 128
@@ -67,6 +75,7 @@ class ModelConfig:
     # argument is only passed when set; only timm's ResNet family accepts it).
     zero_init_last: Optional[bool] = None
     moco: MoCoConfig = field(default_factory=MoCoConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
 
 
 @dataclass
@@ -340,6 +349,8 @@ def _check_ranges(cfg: Config) -> None:
         "model.pred_hidden": (m.pred_hidden, 1), "model.moco.dim": (m.moco.dim, 1),
         "model.moco.hidden": (m.moco.hidden, 1), "model.moco.queue": (m.moco.queue, 1),
         "model.moco.shuffle_splits": (m.moco.shuffle_splits, 1),
+        "model.simsiam.dim": (m.simsiam.dim, 1),
+        "model.simsiam.pred_hidden": (m.simsiam.pred_hidden, 1),
         "knn.k": (k.k, 1), "knn.max_train": (k.max_train, 1),
         "eval.res": (e.res, 0), "eval.batch_size": (e.batch_size, 1),
         "eval.semi_batch_size": (e.semi_batch_size, 1),

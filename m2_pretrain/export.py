@@ -36,22 +36,26 @@ _PER_GROUP_STATS = ("running_mean", "running_var")
 
 
 def default_branch(ckpt: dict) -> str:
-    """The branch to export by default: M2's teacher (as the paper does), MoCo's query encoder."""
-    from .models.build import METHODS
-
-    method = METHODS.get(ckpt.get("meta", {}).get("method", "m2"))
-    return method.export_branch if method is not None else "teacher"
+    """The branch to export by default, as the method declares it (``export_branch`` in the
+    metadata; checkpoints from before it: M2's teacher, MoCo's query encoder)."""
+    meta = ckpt.get("meta", {})
+    if "export_branch" in meta:
+        return meta["export_branch"]
+    return "student" if meta.get("method") == "mocov2" else "teacher"
 
 
 def encoder_state_from_checkpoint(ckpt: dict, which: str | None = None) -> dict[str, torch.Tensor]:
     """The ``which`` branch's encoder weights with timm's names (no heads, no Momentum BN state).
     ``which=None`` picks ``default_branch``. Per-group BN statistics (``train.bn_group_size``)
     are exported as group 0's: what rank 0 saves in a real multi-GPU run."""
-    which = which or default_branch(ckpt)
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     if not is_training_checkpoint(ckpt):
-        raise CheckpointError("not a training checkpoint (expected keys student, teacher, config)")
+        raise CheckpointError("not a training checkpoint (expected keys student and config)")
+    which = which or default_branch(ckpt)
+    if not isinstance(ckpt.get(which), dict):
+        parts = sorted(k for k, v in ckpt.items() if isinstance(v, dict)
+                       and any(str(n).startswith("encoder.") for n in v))
+        raise ValueError(f"this {ckpt.get('meta', {}).get('method', '')} checkpoint has no "
+                         f"'{which}' branch; choose one of {', '.join(parts)}")
     prefix = "encoder."
     out = {}
     for k, v in ckpt[which].items():

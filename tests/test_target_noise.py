@@ -146,12 +146,11 @@ def test_group_running_statistics_make_momentum_bn_noisy_at_alpha_0(setup):
     assert noisy > 1e-4
 
 
-def test_noise_trainer_logs_noise_without_changing_the_run(setup, tmp_path):
+def test_noise_recorder_logs_noise_without_changing_the_run(setup, tmp_path):
     args, cfg, pool, _ = setup
     probe = lambda m: tn.measure(m, pool, BATCH, 2, 2, [0], "cpu")  # noqa: E731
-    tr = tn.NoiseTrainer(cfg, tmp_path / "a", probe, every=1, snapshot_steps=[0, 2],
-                         progress=False)
-    hist = tr.fit()["history"]
+    tr = tn.NoiseRecorder(probe, every=1, snapshot_steps=[0, 2])
+    hist = tn.noise_run(cfg, tmp_path / "a", tr, progress=False)["history"]
     ref = Trainer(cfg, tmp_path / "b", progress=False).fit()["history"]
     assert [h["loss"] for h in hist] == [h["loss"] for h in ref]
     assert [n["step"] for n in tr.noise] == [0, 1, 2]

@@ -55,18 +55,20 @@ class RunLog:
     def waited(self, seconds: float) -> None:
         self.window.wait_s += seconds
 
-    def row(self, step: int, epoch: float, lr: float, m: float, alpha: float) -> dict:
-        """The window's history row (one host sync); TensorBoard and the bar get it, and a new
-        window starts."""
+    def row(self, step: int, epoch: float, lr: float, method: dict[str, float]) -> dict:
+        """The window's history row (one host sync) with the method's scalars (``method``,
+        e.g. the EMA ``m`` and Momentum BN ``alpha``); TensorBoard and the bar get it, and a
+        new window starts."""
         w, now = self.window, time.perf_counter()
         mean_loss = (w.loss_sum / max(w.count, 1)).item()
-        row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "m": m, "alpha": alpha,
+        row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, **method,
                "img_per_s": w.images / max(now - w.t0, 1e-9),
                "data_wait": w.wait_s / max(now - w.t0, 1e-9)}
         self.scalars("train", {k: v for k, v in row.items() if k not in ("step", "epoch")}, step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", m=f"{m:.4f}",
-                                 alpha=f"{alpha:.3f}", ips=f"{row['img_per_s']:.0f}",
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}",
+                                 **{k: f"{v:.4g}" for k, v in method.items()},
+                                 ips=f"{row['img_per_s']:.0f}",
                                  wait=f"{100 * row['data_wait']:.0f}%")
         self.window = LogWindow(torch.zeros((), device=self.device))
         return row

@@ -161,8 +161,7 @@ class Trainer:
             "config": cfg.to_dict(),
             "meta": {"arch": cfg.model.arch, "mean": list(cfg.data.mean),
                      "std": list(cfg.data.std), "method": cfg.model.method,
-                     "teacher_norm": cfg.model.teacher_norm,
-                     "student_norm": cfg.model.student_norm,
+                     "export_branch": self.model.export_branch, **self.model.metadata(),
                      "bn_group_size": cfg.train.bn_group_size, "bn_groups": bn_groups(cfg),
                      "fused_bn": fused_bn_status()},
         })
@@ -299,8 +298,8 @@ class Trainer:
     def log(self) -> None:
         """One history row (mean loss over the window, images/s, data-wait share)."""
         s = self.schedule
-        self.history.append(self._fit.log.row(self.step, self.step / self.steps_per_epoch,
-                                              s.lr, 1 - s.one_minus_m, s.alpha))
+        self.history.append(self._fit.log.row(self.step, self.step / self.steps_per_epoch, s.lr,
+                                              self.model.log_scalars(s.one_minus_m, s.alpha)))
 
     def _run_hooks(self) -> None:
         for hook in self.hooks:

@@ -120,7 +120,8 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
 
 
 def knn_monitor(trainer) -> list:
-    """The teacher's kNN top-1/top-5 every ``knn.every_epochs`` epochs as a trainer hook (none
+    """The kNN top-1/top-5 of the method's evaluated encoder (the one export writes by
+    default) every ``knn.every_epochs`` epochs as a trainer hook (none
     when ``knn.every_epochs`` is 0 or ``data.knn_train_split`` is empty); the numbers go to the
     history row as ``knn_top1``/``knn_top5`` and to TensorBoard as ``knn/top1``/``knn/top5``."""
     import logging
@@ -133,7 +134,7 @@ def knn_monitor(trainer) -> list:
     every = max(int(round(cfg.knn.every_epochs * trainer.steps_per_epoch)), 1)
 
     def knn(tr) -> dict[str, float]:
-        res = knn_eval_encoder(tr.model.teacher.encoder, cfg.data, cfg.knn, tr.device)
+        res = knn_eval_encoder(tr.model.evaluated_encoder(), cfg.data, cfg.knn, tr.device)
         logging.getLogger(__name__).info("step %d: kNN top-1 %.2f top-5 %.2f", tr.step,
                                          res["top1"], res["top5"])
         return {"top1": res["top1"], "top5": res["top5"]}

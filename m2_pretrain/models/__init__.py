@@ -3,13 +3,15 @@
 from .encoder import create_encoder
 from .heads import MLP
 from .loss import byol_loss, symmetric_byol_loss
-from .m2_teacher import Branch, M2Teacher
+from .base import Branch, Method
+from .m2_teacher import M2Teacher
 from . import schedules
 
 __all__ = [
     "Branch",
     "M2Teacher",
     "MLP",
+    "Method",
     "byol_loss",
     "create_encoder",
     "schedules",

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from ..config import Config, choose
 from ..data.augment import TwoViewTransform
-from .base import TeacherStudent
+from .base import Method
 from .m2_teacher import M2Teacher
 from .mocov2 import MoCoV2
+from .simsiam import SimSiam
 
 # ``model.method`` -> the method's class; the only place a method is named
-METHODS: dict[str, type[TeacherStudent]] = {"m2": M2Teacher, "mocov2": MoCoV2}
+METHODS: dict[str, type[Method]] = {"m2": M2Teacher, "mocov2": MoCoV2, "simsiam": SimSiam}
 
 
-def method_class(cfg: Config) -> type[TeacherStudent]:
+def method_class(cfg: Config) -> type[Method]:
     return choose("model.method", cfg.model.method, METHODS)
 
 
-def build_model(cfg: Config, distributed: bool = False) -> TeacherStudent:
+def build_model(cfg: Config, distributed: bool = False) -> Method:
     """The model named by ``cfg.model``; ``distributed`` turns ``sync`` norms into SyncBatchNorm."""
     return method_class(cfg).from_config(cfg, distributed)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -10,32 +11,13 @@ import torch.nn as nn
 from ..layers import STUDENT_NORMS, TEACHER_NORMS, apply_norm, set_momentum_bn_alpha
 from ..config import bn_groups, encoder_kwargs
 from ..data.augment import TwoViewTransform
-from .base import TeacherStudent
+from .base import Branch, EmaPairs, Method
 from .encoder import create_encoder
 from .heads import MLP
 from .loss import symmetric_byol_loss
 
 
-@torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, names: list[str], one_minus_m: float) -> None:
-    """``t <- m * t + (1 - m) * s`` for the named parameters, paired by name (not by order)."""
-    s, t = dict(student.named_parameters()), dict(teacher.named_parameters())
-    torch._foreach_lerp_([t[n] for n in names], [s[n].detach() for n in names], float(one_minus_m))
-
-
-class Branch(nn.Module):
-    """Encoder followed by projector: ``z = projector(encoder(x))``."""
-
-    def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.projector = projector
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder(x))
-
-
-class M2Teacher(TeacherStudent):
+class M2Teacher(Method):
     """Student (encoder + projector + predictor) and teacher (EMA encoder + projector).
 
     Args:
@@ -88,7 +70,9 @@ class M2Teacher(TeacherStudent):
                    alpha=alpha_base, distributed=distributed)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self._build_ema_pairs()
+        self._ema = EmaPairs(self.student, self.teacher)
+
+    export_branch: ClassVar[str] = "teacher"  # as the paper transfers
 
     @classmethod
     def from_config(cls, cfg, distributed: bool = False) -> "M2Teacher":
@@ -108,28 +92,20 @@ class M2Teacher(TeacherStudent):
     def checkpoint_parts(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher, "predictor": self.predictor}
 
-    # ------------------------------------------------------------------ EMA
-    def _build_ema_pairs(self) -> None:
-        s = dict(self.student.named_parameters())
-        t = dict(self.teacher.named_parameters())
-        if set(s) != set(t):
-            raise RuntimeError(
-                f"student/teacher parameter names differ: only in student {sorted(set(s) - set(t))}, "
-                f"only in teacher {sorted(set(t) - set(s))}"
-            )
-        names = sorted(s)
-        for n in names:
-            if s[n].shape != t[n].shape:
-                raise RuntimeError(f"shape mismatch for {n}: {s[n].shape} vs {t[n].shape}")
-        self._ema_names = names
+    def metadata(self) -> dict:
+        return {"teacher_norm": self.teacher_norm, "student_norm": self.student_norm}
 
+    def log_scalars(self, one_minus_m: float, alpha: float) -> dict[str, float]:
+        return {"m": 1 - one_minus_m, "alpha": alpha}
+
+    # ------------------------------------------------------------------ EMA
     @torch.no_grad()
     def update_teacher(self, one_minus_m: float) -> None:
         """``xi <- m * xi + (1 - m) * theta`` for every parameter, paired by name.
 
         Teacher BN buffers (Momentum BN running statistics, alpha) are not touched.
         """
-        ema_update_(self.teacher, self.student, self._ema_names, one_minus_m)
+        self._ema.update(self.student, self.teacher, one_minus_m)
 
     def set_alpha(self, alpha: float | torch.Tensor) -> None:
         """Set the Momentum BN current-batch weight of the teacher (no-op for ``bn``)."""

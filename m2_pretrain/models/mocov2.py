@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from ..layers import KEY_NORMS, apply_norm
 from ..config import encoder_kwargs as _encoder_kwargs
 from ..data.augment import TwoViewTransform
-from .base import TeacherStudent
+from .base import Branch, EmaPairs, Method
 from .encoder import create_encoder
-from .m2_teacher import Branch, ema_update_
 
 
 class MoCoHead(nn.Sequential):
@@ -51,7 +50,7 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-class MoCoV2(TeacherStudent):
+class MoCoV2(Method):
     """MoCo v2.
 
     Args:
@@ -93,10 +92,7 @@ class MoCoV2(TeacherStudent):
             p.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        s, t = dict(self.student.named_parameters()), dict(self.teacher.named_parameters())
-        if set(s) != set(t):
-            raise RuntimeError("query/key parameter names differ")
-        self._ema_names = sorted(s)
+        self._ema = EmaPairs(self.student, self.teacher)
 
     export_branch = "student"  # the query encoder, as MoCo's own transfer uses
 
@@ -119,10 +115,17 @@ class MoCoV2(TeacherStudent):
     @torch.no_grad()
     def update_teacher(self, one_minus_m: float) -> None:
         """Key encoder ``k <- m k + (1 - m) q``, paired by parameter name."""
-        ema_update_(self.teacher, self.student, self._ema_names, one_minus_m)
+        self._ema.update(self.student, self.teacher, one_minus_m)
 
-    def set_alpha(self, alpha) -> None:
-        """MoCo's Momentum BN keeps its fixed alpha: the M2 alpha schedule does not apply."""
+    def checkpoint_parts(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+    def metadata(self) -> dict:
+        return {"key_norm": self.key_norm}
+
+    def log_scalars(self, one_minus_m: float, alpha: float) -> dict[str, float]:
+        """The key encoder's EMA ``m`` (its Momentum BN keeps a fixed alpha)."""
+        return {"m": 1 - one_minus_m}
 
     # ------------------------------------------------------------------ queue
     @torch.no_grad()
