@@ -283,10 +283,18 @@ def test_self_check_disables_a_kernel_that_raises_without_touching_the_state(cap
 
 def test_self_check_runs_once_per_device_and_dtype(gpu_like):
     layer = MomentumBatchNorm(4, num_views=2).requires_grad_(False)
-    x = torch.randn(4, 4, 2, 2)
+    layer.set_alpha(0.5)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(4, 4, 2, 2) * 3 + 1
     with torch.no_grad():
-        layer(x)
+        y = layer(x)
         first = dict(gpu_like)
+        # a passed check keeps the fused result, bit for bit (resume stays exact)
+        want = FB.momentum_bn_train(x, 2, 1, rm, rv, layer.alpha, layer.weight, layer.bias,
+                                    layer.eps)
+        assert torch.equal(y, want) and torch.equal(layer.running_mean, rm)
+        assert torch.equal(layer.running_var, rv)
+        gpu_like.update(stats=first["stats"], elemt=first["elemt"])
         layer(x)
     # the first call ran the composite beside the fused path; the second only the fused path
     assert first == {"stats": 2, "elemt": 2}

@@ -244,18 +244,23 @@ def _self_checked(path: str, fused: Callable[..., Tensor], args: tuple) -> Tenso
         return fused(*args)
     if state != "unchecked":
         return momentum_bn_train_composite(*args)
+    # both on copies of the running statistics; the layer keeps the result it returns
+    ref_stats = [rm.clone(), rv.clone()]
+    ref = momentum_bn_train_composite(x, v, g, *ref_stats, alpha, weight, bias, eps)
     stats = [rm.clone(), rv.clone()]
-    ref = momentum_bn_train_composite(*args)  # updates rm, rv: the layer's own state
     try:
         y = fused(x, v, g, *stats, alpha, weight, bias, eps)
-        reason = _compare(y, ref, x, stats, [rm, rv])
+        reason = _compare(y, ref, x, stats, ref_stats)
     except Exception as e:  # noqa: BLE001 - any failure of the kernels disables them
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     _SELF_CHECK[key] = reason
-    if reason is not None:
-        logger.warning("Momentum BN: the fused path failed its self-check on %s %s (torch %s): "
-                       "%s; using the composite from now on", x.device, x.dtype,
-                       torch.__version__, reason)
+    if reason is None:  # what a run without the check computes, bit for bit
+        torch._foreach_copy_([rm, rv], stats)
+        return y
+    logger.warning("Momentum BN: the fused path failed its self-check on %s %s (torch %s): "
+                   "%s; using the composite from now on", x.device, x.dtype,
+                   torch.__version__, reason)
+    torch._foreach_copy_([rm, rv], ref_stats)
     return ref
 
 
