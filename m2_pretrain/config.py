@@ -408,22 +408,10 @@ def _check_batch_norm_batches(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Check every value that can be checked without data or a device; ``ConfigError`` names
-    the first key that is wrong."""
-    # the names come from the modules that build them (same floor or below)
-    from .data.datasets import DATASETS
-    from .layers.norms import KEY_NORMS, STUDENT_NORMS, TEACHER_NORMS
-    from .models.build import METHODS
-    from .models.schedules import EMA_SCHEDULES
-
-    m = cfg.model
-    for key, name, table in (("model.method", m.method, METHODS),
-                             ("model.moco.key_norm", m.moco.key_norm, KEY_NORMS),
-                             ("model.teacher_norm", m.teacher_norm, TEACHER_NORMS),
-                             ("model.student_norm", m.student_norm, STUDENT_NORMS),
-                             ("train.m_schedule", cfg.train.m_schedule, EMA_SCHEDULES),
-                             ("data.dataset", cfg.data.dataset, DATASETS)):
-        choose(key, name, dict.fromkeys(table))
+    """Check every value that can be checked without data, a device or the modules that build
+    from the config; ``ConfigError`` names the first key that is wrong. Names (``model.method``,
+    ``model.arch``, the norms, ``train.m_schedule``, ``data.dataset``) are checked where they
+    are built, through :func:`choose`, as Detectron2's and timm's registries do."""
     _check_ranges(cfg)
     _check_batch_norm_batches(cfg)
     bs = cfg.data.blur_sigma
@@ -438,36 +426,6 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.data.std}")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ConfigError("config key 'train.epochs' must be positive (or set train.max_steps)")
-    import timm  # here, not at import time: the config module stays light
-
-    if not timm.is_model(cfg.model.arch.split(".")[0]):
-        raise ConfigError(f"config key 'model.arch' names no timm model: {cfg.model.arch!r} "
-                          "(see timm.list_models())")
-
-
-def check_encoder(cfg: Config, res: Optional[int] = None, res_key: str = "data.res") -> None:
-    """Build ``model.arch`` with the config's timm arguments and pass it a batch of ``res``
-    (default ``data.res``) crops, without allocating it (see
-    :func:`m2_pretrain.models.encoder.check_encoder_input`).
-
-    Raises:
-        ConfigError: ``model.zero_init_last`` set for an architecture without that argument,
-            or an input size the architecture cannot take (e.g. a ViT built for 224 px).
-    """
-    from .models.encoder import check_encoder_input
-
-    arch, res = cfg.model.arch, res or cfg.data.res
-    try:
-        check_encoder_input(arch, res, **encoder_kwargs(cfg))
-    except TypeError as e:
-        if "zero_init_last" in str(e):
-            raise ConfigError(f"config key 'model.zero_init_last' is not an argument of timm "
-                              f"'{arch}' (only ResNet-like models take it); leave it "
-                              "unset") from None
-        raise ConfigError(f"timm '{arch}' cannot be built: {_first_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 - whatever the model says about the input
-        raise ConfigError(f"config key '{res_key}' ({res}) does not fit timm '{arch}': "
-                          f"{_first_line(e)}") from None
 
 
 def encoder_kwargs(cfg: Config) -> dict:
@@ -480,11 +438,6 @@ def bn_groups(cfg: Config) -> int:
     """Virtual devices per view batch (``train.batch_size / train.bn_group_size``, or 1)."""
     g = cfg.train.bn_group_size
     return cfg.train.batch_size // g if g > 0 else 1
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

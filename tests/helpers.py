@@ -17,6 +17,19 @@ def tiny_config(**sections):
     return load_config(None, overrides)
 
 
+def stop_after_step(trainer, step: int) -> None:
+    """Make ``trainer`` stop, as after a signal, once optimizer step ``step`` (0-based) ran."""
+    orig = trainer.optimizer.step
+
+    def step_then_stop(*a, **kw):
+        out = orig(*a, **kw)
+        if trainer.step == step:
+            trainer._stop_signal = 15
+        return out
+
+    trainer.optimizer.step = step_then_stop
+
+
 def sigterm_during_step(trainer, monkeypatch, step: int) -> None:
     """Make a real SIGTERM arrive while ``trainer`` runs optimizer step ``step`` (0-based)."""
     import os

@@ -19,10 +19,31 @@ def test_wrong_type_is_named():
         load_config(None, ["train.batch_size=abc"])
     with pytest.raises(ConfigError, match="'train.amp' expects true/false"):
         load_config(None, ["train.amp=3"])
-    with pytest.raises(ConfigError, match="'model.teacher_norm' must be one of"):
-        load_config(None, ["model.teacher_norm=shuffle_bn"])
-    with pytest.raises(ConfigError, match="'model.student_norm' must be one of"):
-        load_config(None, ["model.student_norm=momentum"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.method=simclr", r"'model.method' must be one of \('m2', 'mocov2', 'simsiam'\)"),
+    ("model.teacher_norm=shuffle_bn", "'model.teacher_norm' must be one of"),
+    ("model.student_norm=momentum", "'model.student_norm' must be one of"),
+    ("train.m_schedule=linear", "'train.m_schedule' must be one of"),
+    ("data.dataset=imagenet21k", "'data.dataset' must be one of"),
+    ("model.arch=not_a_model", "'model.arch' names no timm model"),
+    ("optim.name=adamw", r"'optim.name' must be one of \('sgd', 'lars'\)"),
+])
+def test_names_are_checked_where_they_are_built_before_anything_is_written(
+        tmp_path, override, message):
+    """The config loads any name (it imports no builder); the trainer builds model, data,
+    schedules and optimizer, each checking its own name, before it claims the directory."""
+    from helpers import tiny_config
+
+    from m2_pretrain.engine.trainer import Trainer
+
+    key, value = override.split("=")
+    sec, _, rest = key.partition(".")
+    cfg = tiny_config(**{sec: {rest: value}})
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_bn_group_size_must_divide_batch():
@@ -171,8 +192,10 @@ def test_moco_keys_live_in_their_section_and_old_flat_keys_still_load(caplog):
     warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
     assert warnings == ["deprecated config key model.moco_queue: use model.moco.queue",
                         "deprecated config key model.key_norm: use model.moco.key_norm"]
+    from m2_pretrain.models.build import build_model
+
     with pytest.raises(ConfigError, match="'model.moco.key_norm' must be one of"):
-        load_config(None, ["model.moco.key_norm=sync"])
+        build_model(load_config(None, ["model.method=mocov2", "model.moco.key_norm=sync"]))
 
 
 def test_list_fields_have_element_types():
@@ -181,12 +204,3 @@ def test_list_fields_have_element_types():
         load_config(None, ["data.std=[0.2,x,0.2]"])
 
 
-def test_unknown_optimizer_is_refused_before_the_run_directory_is_written(tmp_path):
-    from helpers import tiny_config
-
-    from m2_pretrain.engine.trainer import Trainer
-
-    cfg = tiny_config(optim={"name": "adamw"}, model={"arch": "resnet10t"})
-    with pytest.raises(ConfigError, match=r"'optim.name' must be one of \('sgd', 'lars'\)"):
-        Trainer(cfg, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()

@@ -1,8 +1,12 @@
-"""The package's floors: a module imports only from its own floor or the ones below."""
+"""The package's floors: a module imports only from its own floor or the ones below, no
+module imports itself back through others, and the config loads without the modules that
+build from it."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +15,12 @@ ROOT = Path(__file__).resolve().parents[1] / "m2_pretrain"
 
 # floor of each top-level part of m2_pretrain (a package or a module)
 FLOORS = {
-    "layers": 0, "checkpoint": 0,
-    "config": 1, "data": 1, "models": 1,
-    "engine": 2,
-    "eval": 3, "export": 3,
-    "cli": 4, "demo": 4,
+    "layers": 0, "checkpoint": 0, "config": 0,
+    "data": 1,
+    "models": 2,
+    "engine": 3,
+    "eval": 4, "export": 4,
+    "cli": 5, "demo": 5,
 }
 
 
@@ -69,3 +74,91 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     src = "from ..eval.knn import knn_eval_encoder\n\ndef f():\n    from m2_pretrain.cli import main\n"
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: src)
     assert [p for _, p in _imports(fake)] == ["eval", "cli"]
+
+
+def _module_imports(path: Path) -> set[str]:
+    """Dotted names (relative to m2_pretrain) of the package's modules that ``path`` imports,
+    function-level imports included: ``from .x import y`` counts ``x.y`` when that is a module,
+    else ``x``."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = list(rel.parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = base + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.startswith("m2_pretrain"):
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            for a in node.names:
+                sub = target + [a.name]
+                as_module = ROOT.joinpath(*sub)
+                if as_module.with_suffix(".py").is_file() or (as_module / "__init__.py").is_file():
+                    out.add(".".join(sub))
+                elif target:
+                    out.add(".".join(target))
+        elif isinstance(node, ast.Import):
+            out |= {a.name[len("m2_pretrain."):] for a in node.names
+                    if a.name.startswith("m2_pretrain.")}
+    return out
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` as a list of nodes (first == last), or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(n: str) -> list[str]:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state and (c := visit(m)):
+                return c
+        path.pop()
+        state[n] = 2
+        return []
+
+    for n in sorted(graph):
+        if n not in state and (c := visit(n)):
+            return c
+    return []
+
+
+def test_no_import_cycles():
+    """Between modules, package ``__init__`` files excluded as targets (a submodule importing a
+    sibling loads its package first, which is not a cycle of the code)."""
+    paths = sorted(ROOT.rglob("*.py"))
+    packages = {_module_name(p) for p in paths if p.name == "__init__.py"}
+    graph = {_module_name(p): {m for m in _module_imports(p) if m not in packages}
+             for p in paths if p.name != "__init__.py"}
+    cycle = find_cycle(graph)
+    assert not cycle, " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert find_cycle({"config": {"models.build"}, "models.build": {"config"}}) == \
+        ["config", "models.build", "config"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_loading_a_config_imports_no_builder():
+    """``load_config`` stays at the bottom floor: no model, dataset, layer or timm module."""
+    code = ("import sys\nfrom m2_pretrain.config import load_config\nload_config(None)\n"
+            "print('\\n'.join(sorted(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert not {m for m in loaded if m.startswith(("timm", "torchvision"))}
+    assert not {m for m in loaded if m.startswith("m2_pretrain.") and m not in
+                ("m2_pretrain.config",)}, sorted(m for m in loaded if m.startswith("m2_pretrain"))
+    assert len(loaded) < 400, len(loaded)

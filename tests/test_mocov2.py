@@ -11,7 +11,7 @@ from m2_pretrain.export import export_encoder
 from m2_pretrain.layers import count_plain_bn, momentum_bn_modules
 from m2_pretrain.models.mocov2 import MoCoV2
 
-from helpers import tiny_config
+from helpers import stop_after_step, tiny_config
 
 
 def _moco(key_norm="shuffle_bn", queue=32, splits=2):
@@ -138,16 +138,7 @@ def test_moco_resume_is_exact(tmp_path):
     cfg2 = moco_cfg(max_steps=4)
     t = Trainer(cfg2, tmp_path / "part", progress=False)
     t.total_steps = 4
-    # run two steps, stop through the signal flag, resume
-    orig = t.optimizer.step
-
-    def step_then_stop(*a, **kw):
-        out = orig(*a, **kw)
-        if t.step == 1:
-            t._stop_signal = 15
-        return out
-
-    t.optimizer.step = step_then_stop
+    stop_after_step(t, 1)  # run two steps, stop through the signal flag, resume
     part = t.fit()
     assert part["step"] == 2
     rest = Trainer(cfg2, tmp_path / "part", resume=True, progress=False).fit()

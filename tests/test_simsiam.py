@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_config
+from helpers import stop_after_step, tiny_config
 from m2_pretrain.checkpoint import list_checkpoints
 from m2_pretrain.engine.trainer import Trainer
 from m2_pretrain.eval import knn as knn_mod
@@ -54,15 +54,7 @@ def test_trains_resumes_exactly_exports_and_evaluates(tmp_path):
     assert full["status"] == "completed"
     assert all("m" not in r and "alpha" not in r for r in full["history"])  # no EMA, no Momentum BN
     part_tr = Trainer(simsiam_cfg(), tmp_path / "part", progress=False)
-    orig = part_tr.optimizer.step
-
-    def step_then_stop(*a, **kw):
-        out = orig(*a, **kw)
-        if part_tr.step == 1:
-            part_tr._stop_signal = 15
-        return out
-
-    part_tr.optimizer.step = step_then_stop
+    stop_after_step(part_tr, 1)
     part = part_tr.fit()
     assert part["step"] == 2
     rest = Trainer(simsiam_cfg(), tmp_path / "part", resume=True, progress=False).fit()

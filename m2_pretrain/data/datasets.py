@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..config import choose
 from .embedded import EmbeddedShapes
 
 logger = logging.getLogger(__name__)
@@ -261,9 +262,7 @@ def build_dataset(data_cfg, split: str, transform: Optional[Callable] = None) ->
 
     For the embedded dataset, ``train``/``unlabeled`` draw seed 0 and ``test`` seed 1.
     """
-    if data_cfg.dataset not in DATASETS:
-        raise DatasetError(f"unknown dataset {data_cfg.dataset!r} (one of {tuple(DATASETS)})")
-    return DATASETS[data_cfg.dataset](data_cfg, split, transform)
+    return choose("data.dataset", data_cfg.dataset, DATASETS)(data_cfg, split, transform)
 
 
 __all__ = [

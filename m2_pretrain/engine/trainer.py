@@ -20,11 +20,12 @@ from ..checkpoint import (
     restore_rng_state,
     save_rotating,
 )
-from ..config import Config, bn_groups, check_encoder, config_from_dict, save_config
+from ..config import Config, bn_groups, config_from_dict, save_config
 from ..data.feed import TwoViewFeed
 from ..layers.fused_bn import fused_bn_status
 from ..models.schedules import RunSchedule, Schedule
 from ..models.build import build_augmentation, build_model
+from ..models.encoder import check_encoder
 from .distributed import check_sync_norms, init_distributed, resolve_device, wrap_ddp
 from .health import DivergedStateError, NonFiniteLossError, StateGuard
 from .hooks import PeriodicHook
@@ -89,13 +90,15 @@ class Trainer:
         check_encoder(cfg)  # before anything is written
         self.dist = init_distributed(self.device.type)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
-        self._build_model()  # and the optimizer: before the output directory is claimed
+        # everything that can fail on a config name (model, optimizer, data feed, schedules)
+        # is built before the output directory is claimed
+        self._build_model()
+        self._build_data()
+        self._build_schedule()
         self._run_lock = claim_output_dir(self.out, resume, self.dist.is_main)
         self.progress = progress and self.dist.is_main
         self.amp_dtype = (torch.bfloat16 if cfg.train.amp and (self.cuda or cfg.train.amp_cpu)
                           else None)
-        self._build_data()
-        self._build_schedule()
         self.hooks: list[PeriodicHook] = []
         self.register_hooks(hooks)
 

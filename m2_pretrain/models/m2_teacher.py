@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import STUDENT_NORMS, TEACHER_NORMS, apply_norm, set_momentum_bn_alpha
-from ..config import bn_groups, encoder_kwargs
+from ..config import bn_groups, choose, encoder_kwargs
 from ..data.augment import TwoViewTransform
 from .base import Branch, EmaPairs, Method
 from .encoder import create_encoder
@@ -77,6 +77,8 @@ class M2Teacher(Method):
     @classmethod
     def from_config(cls, cfg, distributed: bool = False) -> "M2Teacher":
         m = cfg.model
+        choose("model.teacher_norm", m.teacher_norm, dict.fromkeys(TEACHER_NORMS))
+        choose("model.student_norm", m.student_norm, dict.fromkeys(STUDENT_NORMS))
         return cls(m.arch, m.proj_hidden, m.proj_out, m.pred_hidden, m.teacher_norm, m.alpha_base,
                    student_norm=m.student_norm, bn_groups=bn_groups(cfg), distributed=distributed,
                    encoder_kwargs=encoder_kwargs(cfg))

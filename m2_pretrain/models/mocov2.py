@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import KEY_NORMS, apply_norm
-from ..config import encoder_kwargs as _encoder_kwargs
+from ..config import choose, encoder_kwargs as _encoder_kwargs
 from ..data.augment import TwoViewTransform
 from .base import Branch, EmaPairs, Method
 from .encoder import create_encoder
@@ -99,6 +99,7 @@ class MoCoV2(Method):
     @classmethod
     def from_config(cls, cfg, distributed: bool = False) -> "MoCoV2":  # noqa: ARG003
         m = cfg.model.moco
+        choose("model.moco.key_norm", m.key_norm, dict.fromkeys(KEY_NORMS))
         return cls(cfg.model.arch, m.dim, m.hidden, m.queue, m.temperature, m.key_norm, m.key_alpha,
                    m.shuffle_splits, encoder_kwargs=_encoder_kwargs(cfg))
 

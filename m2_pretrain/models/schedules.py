@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..config import choose
+
 
 def _check(step: int, total: int) -> None:
     if total <= 0:
@@ -115,6 +117,7 @@ class RunSchedule:
     @classmethod
     def from_config(cls, cfg, steps_per_epoch: int, world_size: int) -> "RunSchedule":
         t, o = cfg.train, cfg.optim
+        choose("train.m_schedule", t.m_schedule, EMA_SCHEDULES)
         total = t.max_steps if t.max_steps > 0 else max(int(round(t.epochs * steps_per_epoch)), 1)
         batch = t.batch_size * world_size * t.accum_steps
         m_base = t.m_base

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import encoder_kwargs
+from ..config import choose, encoder_kwargs
 from ..data.augment import TwoViewTransform
 from ..layers import STUDENT_NORMS, apply_norm
 from .base import Branch, Method
@@ -51,6 +51,7 @@ class SimSiam(Method):
     @classmethod
     def from_config(cls, cfg, distributed: bool = False) -> "SimSiam":
         m = cfg.model
+        choose("model.student_norm", m.student_norm, dict.fromkeys(STUDENT_NORMS))
         return cls(m.arch, m.simsiam.dim, m.simsiam.pred_hidden, m.student_norm,
                    encoder_kwargs=encoder_kwargs(cfg), distributed=distributed)
 
