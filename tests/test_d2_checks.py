@@ -354,7 +354,8 @@ _BROKEN = {
     r"has no annotation to learn from \(0 annotations": (
         lambda d: d["annotations"].clear(), None),
     r"images\[1\] repeats image id 1; Detectron2 would merge the two images": (
-        lambda d: d["images"][1].update(id=1), None),
+        lambda d: [d["images"][1].update(id=1)]
+        + [a.update(image_id=1) for a in d["annotations"] if a["image_id"] == 2], None),
     r"annotations\[1\] \(id 1\) repeats annotation id 1": (
         lambda d: d["annotations"][1].update(id=1), None),
     r"images\[0\]: file_name '../set/000000.png' points outside the image folder": (

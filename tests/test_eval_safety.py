@@ -24,7 +24,6 @@ from m2_pretrain.checkpoint import (
     CHECKPOINT_FORMAT, CHECKPOINT_MARKER, CheckpointError, atomic_save, atomic_write)
 from m2_pretrain.config import ConfigError, load_config
 from m2_pretrain.data.datasets import DatasetError, ImageFolderDataset, read_idx
-from m2_pretrain.data.image_file import ImageFileError, load_rgb8
 from m2_pretrain.engine.run_dir import RunDirError, find_resume_checkpoint
 from m2_pretrain.eval.common import EvalInputError, load_encoder, read_split_file
 from m2_pretrain.export import META_KEY, check_output_file
@@ -156,6 +155,8 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert np.abs(arr[..., 0].astype(float) - want).max() == 0
     assert (arr == 255).mean() < 0.01  # clipping made 99.6 % of the ramp white
     # a float image has no known range: refused in one line
+    from m2_pretrain.data.image_file import ImageFileError, load_rgb8
+
     Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "f.tif")
     with pytest.raises(ImageFileError, match=r"f.tif: floating-point image \(mode F\)"):
         load_rgb8(tmp_path / "f.tif")
@@ -184,6 +185,8 @@ def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     with pytest.raises(DatasetError, match=r"stuck.png is named like an image but is not a "
                                            r"regular file"):
         ImageFolderDataset(tmp_path)
+    from m2_pretrain.data.image_file import ImageFileError, load_rgb8
+
     box = _in_thread(lambda: load_rgb8(tmp_path / "a" / "stuck.png"))
     assert isinstance(box.get("error"), ImageFileError)
     assert "is a FIFO, not an image file" in str(box["error"])
@@ -289,14 +292,25 @@ def test_non_finite_and_out_of_range_numbers_are_config_errors(override, message
         load_config(None, [override])
 
 
-def test_full_disk_is_named_and_leaves_the_old_file(tmp_path):
+class _Statvfs:
+    f_bavail, f_frsize = 100, 4096  # 0.4 MiB left
+
+
+@pytest.mark.parametrize("failure", ["enospc", "torch_writer"])
+def test_full_disk_is_named_and_leaves_the_old_file(tmp_path, monkeypatch, failure):
     path = tmp_path / "ckpt_00000001.pth"
     path.write_bytes(b"old")
 
     def no_space(f):
         f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        # what torch.save raises on a full disk: no errno, no word of space
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter "
+                           "failed writing file data/0: file write failed")
 
+    if failure == "torch_writer":
+        monkeypatch.setattr(os, "statvfs", lambda p: _Statvfs())
     with pytest.raises(CheckpointError, match=rf"cannot write {path}: the disk holding "
                                               rf"{tmp_path} is full"):
         atomic_write(path, no_space)

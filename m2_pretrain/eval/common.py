@@ -124,8 +124,9 @@ def read_split_file(path: str | Path, dataset) -> list[int]:
             hits = by_name.get(parts[-1], [])
             if len(hits) > 1:
                 names = ", ".join(relpath(i) for i in hits[:3])
-                raise EvalInputError(f"{path}: {parts[-1]!r} names {len(hits)} images ({names}); write "
-                                     "each image's path relative to the split folder instead")
+                raise EvalInputError(f"{path}: {parts[-1]!r} names {len(hits)} images ({names}); "
+                                     "write each image's path relative to the split folder "
+                                     "instead")
             (found.append(hits[0]) if hits else missing.append(w))
             continue
         hit = next((by_path[k] for j in range(len(parts) - 1)
