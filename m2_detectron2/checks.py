@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -40,6 +41,102 @@ NUM_CLASSES_KEYS = {
 
 class SetupError(ValueError):
     """A configuration that cannot run; the message says what to change."""
+
+
+def check_config_file(path: str | Path, _seen: tuple = ()) -> None:
+    """Read a yacs ``--config-file`` and every local ``_BASE_`` file it names with the safe
+    loader of :func:`m2_pretrain.config.load_yaml_file`: a Python tag (which Detectron2's own
+    loader would run after a warning) or a key written twice is a one-line ``SetupError``.
+    Nothing in the file is executed."""
+    from m2_pretrain.config import ConfigError, load_yaml_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise SetupError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise SetupError(f"config file {path} includes itself through _BASE_")
+    try:
+        data = load_yaml_file(path)
+    except ConfigError as e:
+        raise SetupError(str(e)) from None
+    bases = data.get("_BASE_", []) if isinstance(data, dict) else []
+    for base in [bases] if isinstance(bases, str) else bases:
+        base = str(base)
+        if "://" in base:
+            raise SetupError(f"{path}: _BASE_ {base} is a URL; download it and name the file")
+        base = os.path.expanduser(base)
+        check_config_file(base if os.path.isabs(base) else path.parent / base,
+                          _seen + (path.resolve(),))
+
+
+# Files a Detectron2 training run writes into OUTPUT_DIR; a new run there would replace them.
+_RUN_FILES = ("model_final.pth", "last_checkpoint", "metrics.json")
+
+
+def check_output_dir(cfg, resume: bool = False, eval_only: bool = False) -> None:
+    """Refuse to start a new training run in an ``OUTPUT_DIR`` that holds another run's
+    checkpoints or metrics (they would be replaced), as ``m2-pretrain train`` refuses a run
+    directory: continue it with ``--resume``, or choose a new ``OUTPUT_DIR``.
+    ``--eval-only`` writes only its own results there and is not refused."""
+    if resume or eval_only:
+        return
+    out = Path(cfg.OUTPUT_DIR)
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"OUTPUT_DIR {out} is a file, not a directory: choose another "
+                         "OUTPUT_DIR")
+    if not out.is_dir():
+        return
+    found = [n for n in _RUN_FILES if (out / n).exists()]
+    found += sorted(p.name for p in out.glob("model_*.pth") if p.name not in found)
+    if found:
+        raise SetupError(f"OUTPUT_DIR {out} holds another run ({', '.join(found[:3])}): pass "
+                         "--resume to continue it, or set OUTPUT_DIR to a new directory")
+
+
+def local_weights_path(value: str) -> str:
+    """``file://`` weights as a plain path (Detectron2's file handlers would take the URL for
+    a relative file name); any other value unchanged."""
+    if value.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(value).path)
+    return value
+
+
+def fetch_remote_weights(cfg) -> str | None:
+    """Download ``MODEL.WEIGHTS`` when it is a URL (``http(s)://``, ``detectron2://``) into
+    Detectron2's cache, before anything is written, so that a failed download is a one-line
+    ``SetupError`` instead of a traceback after setup; the workers then read the cached copy.
+
+    Returns:
+        The local file, or None when ``MODEL.WEIGHTS`` is not a URL.
+    """
+    w = cfg.MODEL.WEIGHTS
+    if "://" not in w:
+        return None
+    from detectron2.utils.file_io import PathManager
+
+    try:
+        local = PathManager.get_local_path(w)
+    except Exception as e:  # noqa: BLE001 - URLError, HTTPError, timeouts, unknown handlers
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SetupError(f"MODEL.WEIGHTS={w} cannot be downloaded ({first}): download it "
+                         "where the network is reachable and pass the local file") from None
+    if not Path(local).is_file():
+        raise SetupError(f"MODEL.WEIGHTS={w} names no file Detectron2 can read: pass a local "
+                         "file")
+    return local
+
+
+def check_num_gpus(num_gpus: int) -> None:
+    """``--num-gpus`` must not exceed the CUDA devices this machine has (1 runs on the CPU)."""
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus > max(have, 1):
+        raise SetupError(f"--num-gpus {num_gpus} but this machine has {have} CUDA device(s): "
+                         f"pass --num-gpus {max(have, 1)}" + (" (the run then uses the CPU)"
+                                                               if have == 0 else ""))
 
 
 def _get(cfg, key: str):
@@ -169,8 +266,9 @@ def check_timm_backbone(cfg) -> None:
 def check_dataset_files(cfg, eval_only: bool = False) -> None:
     """The annotation file and image folder of every dataset the run uses exist (Detectron2's
     built-in COCO/LVIS sets are registered lazily and would fail only when first read: a test
-    set after the whole schedule). Sets registered with ``--register-coco`` were validated in
-    full on registration; the embedded shapes set is generated on first use."""
+    set after the whole schedule), and an LVIS set's file holds LVIS's fields (a COCO file there
+    fails only at the final evaluation). Sets registered with ``--register-coco`` were
+    validated in full on registration; the embedded shapes set is generated on first use."""
     from detectron2.data import MetadataCatalog
 
     from .data import EMBEDDED_SPLITS
@@ -186,6 +284,27 @@ def check_dataset_files(cfg, eval_only: bool = False) -> None:
         if image_root and not Path(image_root).is_dir():
             raise SetupError(f"{role} dataset {name}: image folder {image_root} does not exist "
                              "(COCO/LVIS go under $DETECTRON2_DATASETS)")
+        if json_file and meta.get("evaluator_type") == "lvis" and not _has_lvis_fields(json_file):
+            raise SetupError(f"{role} dataset {name} is registered as LVIS but {json_file} has no "
+                             "LVIS fields ('frequency' of categories, "
+                             "'not_exhaustive_category_ids' of images): it looks like a COCO "
+                             "file; put the LVIS annotations there, or register it as COCO")
+
+
+# Keys every LVIS annotation file has and COCO files do not (LVIS evaluation reads them).
+_LVIS_KEYS = (b'"frequency"', b'"not_exhaustive_category_ids"')
+
+
+def _has_lvis_fields(json_file: str) -> bool:
+    """True when ``json_file`` holds LVIS's own keys; a byte search of the memory-mapped
+    file (about a second for LVIS train), without parsing it."""
+    import mmap
+
+    with open(json_file, "rb") as f:
+        if Path(json_file).stat().st_size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return all(m.find(key) >= 0 for key in _LVIS_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from m2_pretrain.checkpoint import CKPT_RE, safe_load
+from m2_pretrain.checkpoint import CKPT_RE, atomic_write, first_non_finite, safe_load
 from m2_pretrain.export import (
-    encoder_state_from_checkpoint, is_training_checkpoint, load_exported_encoder)
+    default_branch,
+    encoder_state_from_checkpoint,
+    is_safetensors,
+    is_training_checkpoint,
+    load_exported_encoder,
+    meta_path,
+)
 
 from .safe_load import dump_pickle, load_pickle
 
@@ -57,24 +63,55 @@ def _map_key(key: str) -> Optional[str]:
     return None
 
 
-def load_encoder_state(path: str | Path, which: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Encoder weights (timm names) from a training checkpoint, an exported encoder
-    (``.safetensors``, or ``.pth`` with or without its sidecar) or a state_dict."""
-    if str(path).endswith(".safetensors"):
+def load_encoder_and_meta(path: str | Path, which: Optional[str] = None
+                          ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Encoder weights (timm names) and what is known about them, from a training checkpoint
+    (its ``meta``, the branch and step), an exported encoder (``.safetensors`` with its header
+    metadata, or ``.pth`` with or without its ``.json`` sidecar) or a state_dict ({}).
+
+    Raises:
+        ConversionError / CheckpointError: an unusable file, unreadable metadata, or a weight
+            or statistic that is NaN/inf (as ``m2-pretrain export`` refuses).
+    """
+    meta: dict = {}
+    if is_safetensors(path):
         if which is not None:
             raise ConversionError(f"--which only applies to training checkpoints; {path} is an "
                                   "exported encoder")
-        return load_exported_encoder(path)[0]
-    obj = safe_load(path)
-    if is_training_checkpoint(obj):
-        return encoder_state_from_checkpoint(obj, which)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # common wrapper of published checkpoints
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConversionError(f"{path}: not a state_dict of tensors nor a training checkpoint")
-    if which is not None:
-        raise ConversionError(f"--which only applies to training checkpoints; {path} is a state_dict")
-    return obj
+        sd, meta = load_exported_encoder(path)
+        meta = dict(meta or {})
+    else:
+        obj = safe_load(path)
+        if is_training_checkpoint(obj):
+            which = which or default_branch(obj)
+            sd = encoder_state_from_checkpoint(obj, which)
+            meta = {**dict(obj.get("meta") or {}), "which": which,
+                    "step": int(obj.get("step", -1))}
+        else:
+            if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"],
+                                                                           dict):
+                obj = obj["state_dict"]  # common wrapper of published checkpoints
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor)
+                                                    for v in obj.values()):
+                raise ConversionError(f"{path}: not a state_dict of tensors nor a training "
+                                      "checkpoint")
+            if which is not None:
+                raise ConversionError(f"--which only applies to training checkpoints; {path} is "
+                                      "a state_dict")
+            sd = obj
+            if meta_path(path).is_file():  # an exported .pth: its sidecar must be readable
+                sd, meta = load_exported_encoder(path)
+                meta = dict(meta or {})
+    bad = first_non_finite(sd.items())
+    if bad is not None:
+        raise ConversionError(f"{path}: tensor {bad} holds NaN or inf values; refusing to convert "
+                              "a broken encoder (convert an earlier checkpoint)")
+    return sd, meta
+
+
+def load_encoder_state(path: str | Path, which: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Encoder weights (timm names) of :func:`load_encoder_and_meta`."""
+    return load_encoder_and_meta(path, which)[0]
 
 
 def convert_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -117,25 +154,25 @@ def resnet_depth(d2_weights: dict[str, np.ndarray]) -> int:
     return depth
 
 
-def write_d2_pickle(d2_weights: dict[str, np.ndarray], out: str | Path) -> None:
-    """Write Detectron2's ``{"model", "__author__", "matching_heuristics"}`` pickle in a form
-    that numpy 1 and numpy 2 both read (see :func:`m2_detectron2.safe_load.dump_pickle`).
+# Key of the converted file that records where the weights came from (ignored by Detectron2).
+META_KEY = "m2_teacher"
 
-    Written to a temporary file in the same folder and renamed over ``out``: an interrupted
-    write leaves the previous ``out`` as it was.
+
+def write_d2_pickle(d2_weights: dict[str, np.ndarray], out: str | Path,
+                    meta: Optional[dict] = None) -> None:
+    """Write Detectron2's ``{"model", "__author__", "matching_heuristics"}`` pickle in a form
+    that numpy 1 and numpy 2 both read (see :func:`m2_detectron2.safe_load.dump_pickle`), with
+    ``meta`` (plain strings and numbers) under :data:`META_KEY`.
+
+    Written with :func:`m2_pretrain.checkpoint.atomic_write` (temporary file, fsync, rename):
+    an interrupted write leaves the previous ``out`` as it was.
     """
     payload = {"model": d2_weights, "__author__": AUTHOR, "matching_heuristics": True}
+    if meta:
+        payload[META_KEY] = meta
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            dump_pickle(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda f: dump_pickle(payload, f))
 
 
 def check_output(src: str | Path, out: str | Path, overwrite: bool = False) -> None:
@@ -146,6 +183,8 @@ def check_output(src: str | Path, out: str | Path, overwrite: bool = False) -> N
     Raises:
         ConversionError: one line saying which and what to pass instead.
     """
+    if str(out).endswith(("/", os.sep)):  # Path() would drop the slash
+        raise ConversionError(f"output {out} names a directory; name a .pkl file in it")
     src, out = Path(src), Path(out)
     if out.is_dir():
         raise ConversionError(f"output {out} is a directory; name a .pkl file in it")
@@ -166,15 +205,24 @@ def convert_file(src: str | Path, out: str | Path, which: Optional[str] = None,
                  overwrite: bool = False) -> dict:
     """Convert ``src`` to a Detectron2 ``.pkl`` at ``out`` (see :func:`check_output`).
 
+    The weights pass export's checks (every tensor finite, readable metadata whose ``arch``
+    agrees with the weights) and the metadata travels in the file under :data:`META_KEY`.
+
     Returns:
-        A summary dict: ``keys``, ``dropped``, ``depth``, ``out``.
+        A summary dict: ``keys``, ``dropped``, ``depth``, ``out``, ``meta``.
     """
     check_output(src, out, overwrite)
-    sd = load_encoder_state(src, which)
+    sd, meta = load_encoder_and_meta(src, which)
     d2, dropped = convert_state_dict(sd)
     depth = resnet_depth(d2)
-    write_d2_pickle(d2, out)
-    return {"keys": len(d2), "dropped": dropped, "depth": depth, "out": str(out)}
+    arch = meta.get("arch")
+    if arch and str(arch).startswith("resnet") and str(arch).split(".")[0] != f"resnet{depth}":
+        raise ConversionError(f"{src}: its metadata says {arch} but the weights are a "
+                              f"ResNet-{depth}; fix or remove the metadata")
+    record = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+    record.update({"source": str(Path(src).resolve()), "depth": depth})
+    write_d2_pickle(d2, out, record)
+    return {"keys": len(d2), "dropped": dropped, "depth": depth, "out": str(out), "meta": record}
 
 
 @torch.no_grad()

@@ -14,7 +14,9 @@ generated on first use under ``$DETECTRON2_DATASETS/m2_shapes_v2`` (no download)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,9 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
+from detectron2.data import DatasetMapper
 from PIL import Image
 
 from m2_pretrain.data.embedded import SHAPES, render_sample
+
+logger = logging.getLogger("m2_detectron2")
 
 # name -> (split directory, number of images, seed); tile side 48 px, 2 x 2 tiles -> 96 px.
 EMBEDDED_SPLITS = {
@@ -165,14 +170,79 @@ def _segmentation_problem(seg) -> str | None:
     return "neither polygons nor an RLE"
 
 
+# How many images' headers the registration check opens (all of them up to this count, else
+# this many spread evenly over the file): size and EXIF orientation against the json.
+SIZE_CHECK_SAMPLE = 200
+
+
+def _file_problem(root: Path, file_name) -> str | None:
+    """Why ``file_name`` (from the json) is not a usable image file under ``root``, or None."""
+    name = str(file_name)
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        return (f"file_name {name!r} points outside the image folder {root}: give paths "
+                "relative to it")
+    path = root / rel
+    if not path.exists():
+        return "missing"
+    if not path.is_file():
+        return f"{path} is not a regular file (a FIFO, socket, device or folder): remove it"
+    return None
+
+
+def _oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` after its EXIF rotation, as Detectron2's
+    ``read_image`` returns it; reads the header only."""
+    from m2_pretrain.data.image_file import open_regular
+
+    with open_regular(path) as f, Image.open(f) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _check_sizes(where: str, root: Path, images: list[dict]) -> None:
+    """Compare ``height``/``width`` with the files (after EXIF rotation) for every image, or
+    :data:`SIZE_CHECK_SAMPLE` of them spread evenly over a larger set."""
+    n = len(images)
+    picks = (range(n) if n <= SIZE_CHECK_SAMPLE
+             else sorted({round(i * (n - 1) / (SIZE_CHECK_SAMPLE - 1))
+                          for i in range(SIZE_CHECK_SAMPLE)}))
+    for i in picks:
+        img = images[i]
+        path = root / str(img["file_name"])
+        try:
+            w, h = _oriented_size(path)
+        except Exception as e:  # noqa: BLE001 - any undecodable header
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DatasetSpecError(f"{where}: images[{i}] {path} cannot be read as an image "
+                                   f"({first})") from None
+        if (w, h) != (img["width"], img["height"]):
+            raise DatasetSpecError(
+                f"{where}: images[{i}] {img['file_name']} is {w}x{h} (width x height, after its "
+                f"EXIF rotation) but the json says {img['width']}x{img['height']}: fix its "
+                "width/height")
+
+
+def _box_inside(box: list, img: dict) -> bool:
+    """True when ``box`` ([x, y, w, h]) covers some area of its image."""
+    x, y, w, h = box
+    iw, ih = img["width"], img["height"]
+    return w > 0 and h > 0 and x < iw and y < ih and x + w > 0 and y + h > 0
+
+
 def validate_coco_json(json_file: str | Path, image_root: str | Path, name: str,
-                       need_masks: bool = False) -> list[str]:
+                       need_masks: bool = False, mask_format: str = "polygon") -> list[str]:
     """Check a COCO-format annotation file before anything trains on it.
 
-    Checks: valid JSON; ``images``, ``annotations`` and ``categories`` lists; every image
-    has ``id``, ``file_name``, ``height``, ``width`` and its file exists under ``image_root``;
-    every annotation names a listed image and category and has a ``bbox`` of 4 finite numbers
-    with non-negative size, and a ``segmentation`` (polygons or RLE) when ``need_masks``.
+    Checks: valid JSON; ``images``, ``annotations`` and ``categories`` lists; unique image and
+    annotation ids; every image has ``id``, ``file_name`` (relative, inside ``image_root``),
+    ``height``, ``width`` and its file is a regular file under ``image_root``; the size of
+    every image (or of :data:`SIZE_CHECK_SAMPLE` spread evenly over a larger set), after its
+    EXIF rotation, equals its ``width``/``height``; every annotation names a listed image and
+    category and has a ``bbox`` of 4 finite numbers with non-negative size, and a
+    ``segmentation`` (polygons or RLE; RLE needs ``mask_format`` ``bitmask``) when
+    ``need_masks``; at least one non-crowd annotation has a box inside its image.
 
     Returns:
         The category names ordered by id (Detectron2's ``thing_classes``).
@@ -206,18 +276,33 @@ def validate_coco_json(json_file: str | Path, image_root: str | Path, name: str,
         if not isinstance(img, dict) or any(k not in img for k in ("id", "file_name", "height",
                                                                       "width")):
             raise DatasetSpecError(f"{where}: images[{i}] needs id, file_name, height and width")
+        if img["id"] in images:
+            raise DatasetSpecError(f"{where}: images[{i}] repeats image id {img['id']!r}; "
+                                   "Detectron2 would merge the two images: give each a unique id")
+        if not all(_is_number(img[k]) and img[k] > 0 for k in ("height", "width")):
+            raise DatasetSpecError(f"{where}: images[{i}] needs positive height and width")
         images[img["id"]] = img
-        if not (root / str(img["file_name"])).is_file():
+        problem = _file_problem(root, img["file_name"])
+        if problem == "missing":
             missing.append(str(img["file_name"]))
+        elif problem:
+            raise DatasetSpecError(f"{where}: images[{i}]: {problem}")
     if missing:
         raise DatasetSpecError(f"{where}: {len(missing)} of {len(images)} image files are missing "
                                f"under {root}, e.g. {missing[0]}")
     cat_ids = {c["id"] for c in cats}
+    ann_ids: set = set()
+    usable = outside = 0
     for i, a in enumerate(data["annotations"]):
         what = f"{where}: annotations[{i}]" + (f" (id {a.get('id')})" if isinstance(a, dict)
                                                and "id" in a else "")
         if not isinstance(a, dict):
             raise DatasetSpecError(f"{what} is not an object")
+        if "id" in a:
+            if a["id"] in ann_ids:
+                raise DatasetSpecError(f"{what} repeats annotation id {a['id']!r}: give each "
+                                       "annotation a unique id")
+            ann_ids.add(a["id"])
         if a.get("image_id") not in images:
             raise DatasetSpecError(f"{what} names image_id {a.get('image_id')!r}, which is not "
                                    "in 'images'")
@@ -236,10 +321,29 @@ def validate_coco_json(json_file: str | Path, image_root: str | Path, name: str,
             problem = _segmentation_problem(a["segmentation"])
             if problem:
                 raise DatasetSpecError(f"{what} has a 'segmentation' that is {problem}")
+            if (isinstance(a["segmentation"], dict) and mask_format != "bitmask"
+                    and not a.get("iscrowd", 0)):  # Detectron2 drops crowd regions
+                raise DatasetSpecError(f"{what} has an RLE 'segmentation', which INPUT.MASK_FORMAT "
+                                       f"{mask_format!r} cannot read: set INPUT.MASK_FORMAT "
+                                       "bitmask")
+        if not a.get("iscrowd", 0):
+            if _box_inside(box, images[a["image_id"]]):
+                usable += 1
+            else:
+                outside += 1
+    if not usable:
+        crowd = len(data["annotations"]) - outside
+        raise DatasetSpecError(
+            f"{where} has no annotation to learn from ({len(data['annotations'])} annotations: "
+            f"{crowd} iscrowd, {outside} with a box outside its image or of zero size)")
+    if outside:
+        logger.warning("%s: %d of %d non-crowd annotations have a box outside their image or of "
+                       "zero size; Detectron2 drops them", where, outside, outside + usable)
+    _check_sizes(where, root, list(images.values()))
     return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
 
 
-def register_coco_spec(spec: str, need_masks: bool = False) -> str:
+def register_coco_spec(spec: str, need_masks: bool = False, mask_format: str = "polygon") -> str:
     """Register a COCO-format dataset from ``"name=path/to/annotations.json:path/to/images"``,
     after validating it (:func:`validate_coco_json`); its ``thing_classes`` are set from the
     file, so class counts are checked without loading the dataset again.
@@ -264,7 +368,53 @@ def register_coco_spec(spec: str, need_masks: bool = False) -> str:
         if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
             return name  # the same spec again (validated in the parent, then set up in main)
         raise DatasetSpecError(f"dataset {name!r} is already registered; pick another name")
-    classes = validate_coco_json(json_file, image_root, name, need_masks)
+    classes = validate_coco_json(json_file, image_root, name, need_masks, mask_format)
     register_coco_instances(name, {}, json_file, image_root)
     MetadataCatalog.get(name).set(thing_classes=classes)
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading images: the same decoding rule as the pretraining datasets
+
+
+def read_image(file_name: str, format: str | None = None) -> np.ndarray:
+    """Detectron2's ``detection_utils.read_image`` with the pretraining datasets' rules
+    (:mod:`m2_pretrain.data.image_file`): only a regular file is opened (a FIFO is refused
+    at once), and a 16-bit image is scaled to 8 bits instead of being clipped to white.
+    EXIF orientation and the conversion to ``format`` are Detectron2's own."""
+    from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
+
+    from m2_pretrain.data.image_file import open_regular, to_8bit
+
+    with open_regular(file_name) as f:
+        image = Image.open(f)
+        image = _apply_exif_orientation(image)
+        return convert_PIL_to_numpy(to_8bit(image, file_name), format)
+
+
+@contextlib.contextmanager
+def _plugin_read_image():
+    """Within the block, Detectron2's mappers read images with :func:`read_image`."""
+    from detectron2.data import detection_utils
+
+    previous = detection_utils.read_image
+    detection_utils.read_image = read_image
+    try:
+        yield
+    finally:
+        detection_utils.read_image = previous
+
+
+class M2DatasetMapper(DatasetMapper):
+    """Detectron2's ``DatasetMapper`` reading images with :func:`read_image`."""
+
+    def __call__(self, dataset_dict):
+        with _plugin_read_image():
+            return super().__call__(dataset_dict)
+
+
+def build_mapper(cfg, is_train: bool) -> M2DatasetMapper:
+    """The plugin's dataset mapper: Detectron2's ``DatasetMapper(cfg, is_train)`` whose images
+    are read by :func:`read_image`."""
+    return M2DatasetMapper(cfg, is_train)

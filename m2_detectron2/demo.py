@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
@@ -36,6 +35,7 @@ from m2_pretrain import demo as pretrain_demo
 from m2_pretrain.engine.run_dir import RunDirError
 
 from .convert import convert_file, verify
+from .data import read_image
 from .demo_plot import plot_summary
 from .train import Trainer, build_config
 

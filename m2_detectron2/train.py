@@ -11,7 +11,11 @@ from pathlib import Path
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import (
+    DatasetCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -20,24 +24,38 @@ from .checkpoint import RestrictedCheckpointer
 from .checks import (
     SetupError,
     check_config,
+    check_config_file,
     check_dataset_files,
+    check_num_gpus,
+    check_output_dir,
     check_timm_backbone,
     check_weights_fit,
+    fetch_remote_weights,
+    local_weights_path,
 )
 from .config import add_m2_config
-from .data import DatasetSpecError, register_coco_spec, register_embedded
+from .data import DatasetSpecError, build_mapper, register_coco_spec, register_embedded
 from .evaluation import build_evaluator
 
 logger = logging.getLogger("m2_detectron2")
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with COCO/LVIS evaluation chosen per dataset and every
-    weights file read by the restricted loaders."""
+    """Detectron2's DefaultTrainer with COCO/LVIS evaluation chosen per dataset, images read
+    by :func:`m2_detectron2.data.read_image` and every weights file read by the restricted
+    loaders."""
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         _restrict(self.checkpointer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -67,13 +85,14 @@ def build_config(config_file: str, opts: list[str], register_coco: list[str] = (
     datasets the run uses)."""
     cfg = get_cfg()
     add_m2_config(cfg)
-    if not Path(config_file).is_file():
-        raise SetupError(f"config file {config_file} does not exist")
-    cfg.merge_from_file(config_file)
+    check_config_file(config_file)
+    # Detectron2's default (allow_unsafe=True) would fall back to yaml.unsafe_load
+    cfg.merge_from_file(config_file, allow_unsafe=False)
     cfg.merge_from_list(list(opts))
     register_embedded()
     for spec in list(cfg.M2.REGISTER_COCO) + list(register_coco):
-        register_coco_spec(spec, need_masks=cfg.MODEL.MASK_ON)
+        register_coco_spec(spec, need_masks=cfg.MODEL.MASK_ON,
+                           mask_format=cfg.INPUT.MASK_FORMAT)
     known = set(DatasetCatalog.list())
     unknown = [d for d in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if d not in known]
     if unknown:
@@ -84,6 +103,7 @@ def build_config(config_file: str, opts: list[str], register_coco: list[str] = (
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("CUDA is not available: running on CPU (SyncBN acts as BN on one process)")
         cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = local_weights_path(cfg.MODEL.WEIGHTS)
     check_config(cfg, resume=resume, eval_only=eval_only)
     return cfg
 
@@ -101,8 +121,10 @@ def validate_setup(args) -> None:
     """Check the whole setup once in the launching process, before ``launch`` starts worker
     processes (where an error would escape the one-line handler as a traceback per worker).
 
-    Besides :func:`build_config`'s checks: the ``MODEL.TIMM.*`` values, the files of every
-    dataset the run uses, and every weights file against the model it loads into
+    Besides :func:`build_config`'s checks: ``--num-gpus`` against the machine, an
+    ``OUTPUT_DIR`` holding another run (without ``--resume``), the ``MODEL.TIMM.*`` values,
+    the files of every dataset the run uses, a ``MODEL.WEIGHTS`` URL (downloaded here), and
+    every weights file against the model it loads into
     (:func:`m2_detectron2.checks.check_weights_fit`, read with the restricted loaders).
 
     Raises:
@@ -119,8 +141,14 @@ def validate_setup(args) -> None:
         raise SetupError(text.splitlines()[0] if text else type(e).__name__) from None
     if cfg.MODEL.BACKBONE.NAME.startswith("build_timm"):
         check_timm_backbone(cfg)
+    check_output_dir(cfg, resume=resume, eval_only=eval_only)
     check_dataset_files(cfg, eval_only=eval_only)
+    local = fetch_remote_weights(cfg)
+    if local is not None:  # check the downloaded copy
+        cfg = cfg.clone()
+        cfg.MODEL.WEIGHTS = local
     check_weights_fit(cfg, eval_only=eval_only, resume=resume)
+    check_num_gpus(getattr(args, "num_gpus", 1))
 
 
 def write_results(cfg, results) -> None:

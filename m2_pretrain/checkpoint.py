@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -43,14 +44,37 @@ def is_training_checkpoint(obj: Any) -> bool:
             and isinstance(obj["student"], dict))
 
 
-def is_resumable_checkpoint(obj: Any) -> bool:
-    """True when ``obj`` is a checkpoint the trainer wrote (its marker, or every key an older
-    trainer wrote), so ``--resume`` can continue from it."""
+def newer_format(obj: Any) -> Optional[int]:
+    """The format version of a checkpoint written by a newer trainer than this one (which
+    reads :data:`CHECKPOINT_FORMAT` and older), or None."""
     if not isinstance(obj, dict):
-        return False
-    if obj.get(CHECKPOINT_MARKER) == CHECKPOINT_FORMAT:
-        return True
-    return all(k in obj for k in _RESUME_KEYS) and isinstance(obj["config"], dict)
+        return None
+    version = obj.get(CHECKPOINT_MARKER)
+    if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_FORMAT:
+        return version
+    return None
+
+
+def resume_problem(obj: Any) -> Optional[str]:
+    """Why ``--resume`` cannot continue from ``obj``, or None: it must be a dict holding every
+    part the trainer restores (weights, config, optimizer state, step, RNG state)."""
+    if not isinstance(obj, dict):
+        return "not a checkpoint written by the trainer"
+    missing = [k for k in _RESUME_KEYS if k not in obj]
+    if CHECKPOINT_MARKER not in obj and len(missing) > 1:
+        return ("not a checkpoint written by the trainer (an exported encoder or another file "
+                "under a checkpoint's name?)")
+    if missing:
+        return f"it lacks {', '.join(missing)}, which resuming restores"
+    if not isinstance(obj["config"], dict) or not isinstance(obj["rng"], dict):
+        return "its config or RNG state is not a mapping"
+    return None
+
+
+def is_resumable_checkpoint(obj: Any) -> bool:
+    """True when ``obj`` is a checkpoint the trainer wrote, of this format or older, with every
+    part ``--resume`` restores (see :func:`resume_problem`)."""
+    return newer_format(obj) is None and resume_problem(obj) is None
 
 
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> Optional[str]:
@@ -89,6 +113,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        full = _disk_full(path.parent, e)
+        if full is None:
+            raise
+        raise CheckpointError(f"cannot write {path}: {full}; free space there (or choose "
+                              "another output folder) and run again: no existing file was "
+                              "replaced") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -100,6 +131,21 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def _disk_full(folder: Path, e: BaseException) -> Optional[str]:
+    """"the disk holding FOLDER is full (N MiB free)" when ``e`` is a write that failed for
+    lack of space (ENOSPC/EDQUOT, or torch's writer failing with under 1 MiB left), else None."""
+    try:
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not no_space and not (free is not None and free < 1 << 20 and "write" in str(e).lower()):
+        return None
+    room = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
+    return f"the disk holding {folder} is full{room}"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -46,12 +46,19 @@ def _evaluate(args) -> int:
 
     from .engine.distributed import resolve_device
     from .eval import protocols
-    from .eval.common import load_encoder, read_split_file, write_results
+    from .eval.common import load_encoder, read_split_file, results_path, write_results
     from .models.encoder import check_encoder_input
 
     cfg = load_config(args.config, args.overrides)
+    out = args.output_dir or f"output/{args.command}"
+    results_path(out, overwrite=args.force)  # before anything is evaluated
     device = resolve_device(cfg.train.device)
     encoder, meta = load_encoder(args.weights, args.arch)
+    if cfg.model.arch != meta["arch"]:  # the config's default or a copy from pretraining
+        logging.getLogger("m2_pretrain").info(
+            "evaluating a %s encoder (from %s); the config's model.arch %s is not used",
+            meta["arch"], "--arch" if args.arch else "the weights' metadata", cfg.model.arch)
+        cfg.model.arch = meta["arch"]  # results.json records the architecture evaluated
     res = cfg.eval.res or cfg.data.res
     try:
         check_encoder_input(meta["arch"], res)
@@ -74,8 +81,8 @@ def _evaluate(args) -> int:
         indices = read_split_file(args.split, build_dataset(cfg.data, train_split))
         numbers = protocols.semi_finetune(encoder, cfg, indices, device, progress=not args.no_progress)
         extra["split_file"] = str(args.split)
-    out = args.output_dir or f"output/{args.command}"
-    path = write_results(out, args.command, numbers, args.weights, cfg.to_dict(), extra)
+    path = write_results(out, args.command, numbers, args.weights, cfg.to_dict(), extra,
+                         overwrite=args.force)
     print(f"{args.command}: top-1 {numbers['top1']:.2f}  top-5 {numbers['top5']:.2f}  -> {path}")
     return 0
 
@@ -111,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config naming the dataset and eval settings")
         p.add_argument("--arch", help="timm architecture when the weights have no metadata")
         p.add_argument("--output-dir", help="where results.json goes")
+        p.add_argument("--force", action="store_true",
+                       help="replace an existing results.json in --output-dir")
         p.add_argument("--no-progress", action="store_true")
         if name == "semi":
             p.add_argument("--split", required=True,

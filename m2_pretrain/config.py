@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,17 +283,55 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain values only: a ``!!python/...`` tag is an error, never run)
+    that refuses a key written twice in one mapping, where YAML would keep the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice (lines {first} and "
+                    f"{key_node.start_mark.line + 1}); the second would replace the first: merge "
+                    "them", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    """The YAML document in ``path``, read with a safe loader that also refuses duplicated keys.
+
+    Raises:
+        ConfigError: one line naming the file, the line and the problem (a Python tag, a key
+            written twice, a syntax error).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "python/" in problem or "could not determine a constructor" in problem:
+            problem = (f"{problem.strip()}: a config may hold only plain YAML values (a Python "
+                       "tag would run code); remove the tag")
+        raise ConfigError(f"{where}: invalid YAML: {problem.strip()}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+
+
 def _load_yaml_chain(path: Path, cfg: Config, seen: tuple = ()) -> None:
     """Merge ``path`` into ``cfg``, after the file named by its ``_base_`` key (if any)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through _base_")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    data = load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("_base_", None)
@@ -333,6 +372,18 @@ def _check_numbers(key: str, values: list, n: int, what: str) -> None:
         raise ConfigError(f"config key '{key}' must be {what}, got {values!r}")
 
 
+def _float_values(obj: Any, prefix: str = ""):
+    """``(key, value)`` of every float (and list-of-float item) in the config."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _float_values(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float):
+            yield prefix + f.name, v
+        elif isinstance(v, list):
+            yield from ((prefix + f.name, x) for x in v if isinstance(x, float))
+
+
 def _check_ranges(cfg: Config) -> None:
     """Every numeric key with a range, one ``ConfigError`` naming the first key outside it."""
     t, o, d, m, k, e = cfg.train, cfg.optim, cfg.data, cfg.model, cfg.knn, cfg.eval
@@ -362,6 +413,12 @@ def _check_ranges(cfg: Config) -> None:
     for key, (val, low) in at_least.items():
         if not val >= low:  # also refuses NaN
             raise ConfigError(f"config key '{key}' must be >= {low}, got {val}")
+    for key, val in _float_values(cfg):
+        if not math.isfinite(val):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {val}")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"config key 'train.seed' must be in [0, 2**32) (numpy's seed range), "
+                          f"got {t.seed}")
     positive = {"optim.base_lr": o.base_lr, "knn.temperature": k.temperature,
                 "model.moco.temperature": m.moco.temperature, "eval.linear_lr": e.linear_lr,
                 "eval.semi_lr": e.semi_lr}

@@ -11,6 +11,7 @@ Two formats, chosen by the output's suffix:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -105,6 +106,9 @@ def check_output_file(src: str | Path, out: str | Path, overwrite: bool = False)
     Raises:
         CheckpointError: saying which and what to pass instead.
     """
+    if str(out).endswith(("/", os.sep)):  # Path() would drop the slash and write a file
+        raise CheckpointError(f"--out {out} names a directory; name a file in it instead "
+                              f"(e.g. {Path(out) / DEFAULT_OUT})")
     src, out = Path(src), Path(out)
     targets = output_files(out)
     for target in targets:

@@ -54,7 +54,8 @@ def test_verify_and_pickle_format(tmp_path):
     with open(tmp_path / "r18.pkl", "rb") as f:
         payload = pickle.load(f)
     assert payload["matching_heuristics"] is True and payload["__author__"]
-    assert set(payload) == {"model", "__author__", "matching_heuristics"}
+    assert set(payload) == {"model", "__author__", "matching_heuristics", "m2_teacher"}
+    assert payload["m2_teacher"] == {"source": str(src.resolve()), "depth": 18}
     assert verify(src, tmp_path / "r18.pkl", res=64) < 1e-4
     # a wrong conversion is caught: swap two BN statistics and verification fails
     payload["model"]["res3.0.conv1.norm.running_var"] = payload["model"]["res3.0.conv1.norm.running_var"] * 4

@@ -346,6 +346,22 @@ _BROKEN = {
         lambda d: d["images"][0].pop("height"), None),
     "1 of 2 image files are missing under .*, e.g. gone.png": (
         lambda d: d["images"][1].update(file_name="gone.png"), None),
+    # every box outside its image: nothing left to train on after the mapper
+    r"has no annotation to learn from \(6 annotations: 0 iscrowd, 6 with a box outside": (
+        lambda d: [a.update(bbox=[500.0, 400.0, 10.0, 10.0]) for a in d["annotations"]], None),
+    r"has no annotation to learn from \(6 annotations: 6 iscrowd, 0 with": (
+        lambda d: [a.update(iscrowd=1) for a in d["annotations"]], None),
+    r"has no annotation to learn from \(0 annotations": (
+        lambda d: d["annotations"].clear(), None),
+    r"images\[1\] repeats image id 1; Detectron2 would merge the two images": (
+        lambda d: [d["images"][1].update(id=1)]
+        + [a.update(image_id=1) for a in d["annotations"] if a["image_id"] == 2], None),
+    r"annotations\[1\] \(id 1\) repeats annotation id 1": (
+        lambda d: d["annotations"][1].update(id=1), None),
+    r"images\[0\]: file_name '../set/000000.png' points outside the image folder": (
+        lambda d: d["images"][0].update(file_name="../set/000000.png"), None),
+    r"images\[0\] 000000.png is 128x96 \(width x height, after its EXIF rotation\) but the json "
+    r"says 128x50: fix its width/height": (lambda d: d["images"][0].update(height=50), None),
 }
 
 
@@ -373,3 +389,83 @@ def test_masks_are_required_for_mask_models_only(tmp_path):
     # RetinaNet reads boxes only
     register_coco_spec(f"m2nomask_b={ann}:{img_root}", need_masks=False)
     assert MetadataCatalog.get("m2nomask_b").thing_classes == ["cat1", "cat2"]
+
+
+def test_rle_masks_need_the_bitmask_format(tmp_path):
+    from m2_detectron2.data import DatasetSpecError
+
+    rle = {"size": [96, 128], "counts": "PPYo0"}  # compressed RLE, as COCO's crowd regions
+    ann, img_root = _coco(tmp_path, lambda d: d["annotations"][4].update(segmentation=rle))
+    with pytest.raises(DatasetSpecError, match=r"annotations\[4\] \(id 5\) has an RLE "
+                                               r"'segmentation', which INPUT.MASK_FORMAT 'polygon' "
+                                               r"cannot read: set INPUT.MASK_FORMAT bitmask"):
+        build_config(str(CONFIGS / "demo_shapes_mask_rcnn_R18.yaml"),
+                     ["M2.RANDOM_INIT", "True", "INPUT.MASK_FORMAT", "polygon"],
+                     register_coco=[f"m2rle_a={ann}:{img_root}"])
+    assert "m2rle_a" not in DatasetCatalog.list()
+    register_coco_spec(f"m2rle_b={ann}:{img_root}", need_masks=True, mask_format="bitmask")
+    # a crowd region in RLE is dropped by Detectron2 whatever the format
+    ann2, root2 = _coco(tmp_path / "crowd", lambda d: d["annotations"][4].update(
+        segmentation=rle, iscrowd=1))
+    register_coco_spec(f"m2rle_c={ann2}:{root2}", need_masks=True, mask_format="polygon")
+
+
+def test_exif_rotation_and_non_regular_files_are_checked(tmp_path):
+    import json
+    import os
+
+    from PIL import Image
+
+    from m2_detectron2.data import DatasetSpecError
+
+    ann, img_root = _coco(tmp_path)
+    data = json.loads(ann.read_text())
+    img = Image.open(img_root / "000000.png").convert("RGB")  # 128 x 96
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: Detectron2 reads it as 96 x 128
+    img.save(img_root / "rot.jpg", exif=exif.tobytes())
+    data["images"][0]["file_name"] = "rot.jpg"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetSpecError, match=r"images\[0\] rot.jpg is 96x128 \(width x "
+                                               r"height, after its EXIF rotation\) but the json "
+                                               r"says 128x96"):
+        register_coco_spec(f"m2exif_a={ann}:{img_root}")
+    data["images"][0].update(width=96, height=128)
+    ann.write_text(json.dumps(data))
+    register_coco_spec(f"m2exif_b={ann}:{img_root}")
+    # a FIFO named like an image is refused before any loader opens (and blocks on) it
+    os.mkfifo(img_root / "fifo.png")
+    data["images"][1]["file_name"] = "fifo.png"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetSpecError, match=r"images\[1\]: \S+fifo.png is not a regular file"):
+        register_coco_spec(f"m2exif_c={ann}:{img_root}")
+
+
+def test_size_check_samples_large_sets_evenly(tmp_path, monkeypatch):
+    from m2_detectron2 import data as d2data
+
+    opened = []
+    monkeypatch.setattr(d2data, "SIZE_CHECK_SAMPLE", 5)
+    monkeypatch.setattr(d2data, "_oriented_size", lambda p: opened.append(p.name) or (128, 96))
+    images = [{"id": i, "file_name": f"{i}.png", "width": 128, "height": 96} for i in range(101)]
+    d2data._check_sizes("x", tmp_path, images)
+    assert opened == ["0.png", "25.png", "50.png", "75.png", "100.png"]
+
+
+def test_lvis_name_given_a_coco_file_is_refused_before_training(tmp_path):
+    from detectron2.data.datasets import register_lvis_instances
+
+    from m2_detectron2.checks import check_dataset_files
+
+    coco, root = write_detection_set(tmp_path / "coco", "val", 1, [1, 2])
+    lvis, lroot = write_detection_set(tmp_path / "lvis", "val", 1, [1, 2], lvis=True)
+    register_lvis_instances("m2lvis_coco_file", {}, str(coco), str(root))
+    register_lvis_instances("m2lvis_lvis_file", {}, str(lvis), str(lroot))
+    cfg = build_config(str(CONFIGS / "mask_rcnn_R50_FPN_2x_lvis_v0.5.yaml"),
+                       ["M2.RANDOM_INIT", "True", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
+    cfg.DATASETS.TEST = ("m2lvis_coco_file",)
+    with pytest.raises(SetupError, match=r"test dataset m2lvis_coco_file is registered as LVIS "
+                                         r"but \S+val.json has no LVIS fields"):
+        check_dataset_files(cfg)
+    cfg.DATASETS.TEST = ("m2lvis_lvis_file",)
+    check_dataset_files(cfg)

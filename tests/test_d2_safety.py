@@ -20,6 +20,7 @@ import m2_detectron2  # noqa: F401  (stand-in first)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 
+from d2_data import write_detection_set
 from m2_detectron2.convert import ConversionError, convert_file
 from m2_detectron2.data import DatasetSpecError, register_coco_spec
 from m2_detectron2.safe_load import (
@@ -244,13 +245,12 @@ def test_setup_is_validated_once_before_launch(tmp_path):
     with pytest.raises(SetupError, match="M2.RANDOM_INIT"):
         validate_setup(_args(*data[:6], config=timm_cfg))
     # a dataset registered by the parent's check can be set up again by main() in-process
-    (tmp_path / "a.json").write_text('{"images": [], "annotations": [], '
-                                     '"categories": [{"id": 1, "name": "x"}]}')
-    spec = f"mine_{os.getpid()}={tmp_path / 'a.json'}:{tmp_path}"
+    ann, images = write_detection_set(tmp_path, "a", 1, [1])
+    spec = f"mine_{os.getpid()}={ann}:{images}"
     assert register_coco_spec(spec) == register_coco_spec(spec)
     (tmp_path / "other").mkdir()
     with pytest.raises(DatasetSpecError, match="already registered"):
-        register_coco_spec(f"mine_{os.getpid()}={tmp_path / 'a.json'}:{tmp_path / 'other'}")
+        register_coco_spec(f"mine_{os.getpid()}={ann}:{tmp_path / 'other'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,3 +349,97 @@ def test_pickles_that_expand_into_gigabytes_are_refused(kind):
     assert len(data) < 100
     with pytest.raises(UnsafePickleError, match=f"refusing {kind.__name__}\\(\\) of a "):
         load_pickle_file(io.BytesIO(data), "huge.pkl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files run no code; a finished run is never replaced; launch problems before any write
+
+def test_python_tag_in_a_config_file_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "PWNED"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"_BASE_: {DEMO_CONFIG}\nSEED: !!python/object/apply:os.system "
+                   f"['touch {marker}']\n")
+    with pytest.raises(SetupError) as e:
+        validate_setup(_args("M2.RANDOM_INIT", "True", config=str(cfg)))
+    msg = str(e.value)
+    assert "\n" not in msg and not marker.exists()
+    assert msg.startswith(f"{cfg}, line 2: invalid YAML: could not determine a constructor")
+    assert "a config may hold only plain YAML values" in msg
+    # the same through a _BASE_ file, and a key written twice
+    base = tmp_path / "base.yaml"
+    base.write_text(f"_BASE_: {DEMO_CONFIG}\nSOLVER:\n  MAX_ITER: 5\nSOLVER:\n  BASE_LR: 1.0\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_BASE_: base.yaml\n")
+    with pytest.raises(SetupError, match=r"base.yaml, line 4: invalid YAML: key 'SOLVER' is "
+                                         r"written twice"):
+        validate_setup(_args("M2.RANDOM_INIT", "True", config=str(child)))
+
+
+def test_finished_output_dir_is_refused_without_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"finished model")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    opts = ["M2.RANDOM_INIT", "True", "OUTPUT_DIR", str(out)]
+    with pytest.raises(SetupError, match=rf"OUTPUT_DIR {out} holds another run \(model_final.pth, "
+                                         r"last_checkpoint\): pass --resume to continue it, or "
+                                         r"set OUTPUT_DIR to a new directory"):
+        validate_setup(_args(*opts))
+    assert (out / "model_final.pth").read_bytes() == b"finished model"
+    # an evaluation only writes its own results there
+    from m2_detectron2.checks import check_output_dir
+
+    check_output_dir(build_config_for(opts), eval_only=True)
+    check_output_dir(build_config_for(opts), resume=True)
+
+
+def build_config_for(opts):
+    from m2_detectron2.train import build_config
+
+    return build_config(DEMO_CONFIG, opts)
+
+
+def test_launch_problems_are_found_before_the_output_dir_is_written(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    url = "http://127.0.0.1:9/weights.pkl"  # nothing listens on the discard port
+    with pytest.raises(SetupError, match=rf"MODEL.WEIGHTS={url} cannot be downloaded \(.*\): "
+                                         r"download it where the network is reachable"):
+        validate_setup(_args("MODEL.WEIGHTS", url, "OUTPUT_DIR", str(out)))
+    assert not out.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SetupError, match=r"--num-gpus 2 but this machine has 0 CUDA device\(s\): "
+                                         r"pass --num-gpus 1"):
+        validate_setup(_args("--num-gpus", "2", "M2.RANDOM_INIT", "True", "OUTPUT_DIR", str(out)))
+    assert not out.exists()
+    # file:// weights are read as the local path
+    from m2_detectron2.train import build_config
+
+    (tmp_path / "w.pkl").write_bytes(b"")
+    cfg = build_config(DEMO_CONFIG, ["MODEL.WEIGHTS", f"file://{tmp_path}/w.pkl"])
+    assert cfg.MODEL.WEIGHTS == f"{tmp_path}/w.pkl"
+
+
+def test_16_bit_images_are_scaled_and_fifos_refused_by_the_mapper(tmp_path):
+    import threading
+
+    from PIL import Image
+
+    from m2_detectron2.data import build_mapper, read_image
+
+    ramp = np.linspace(0, 65535, 64 * 48).round().astype(np.uint16).reshape(48, 64)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    cfg = get_cfg()
+    cfg.INPUT.MIN_SIZE_TEST = 0  # no resize: compare pixels
+    item = build_mapper(cfg, False)({"file_name": str(tmp_path / "ramp.png"), "height": 48,
+                                     "width": 64, "image_id": 1})
+    image = item["image"].numpy()  # (3, H, W), BGR
+    want = np.round(ramp * 255.0 / 65535.0)
+    assert np.abs(image[0].astype(float) - want).max() == 0
+    assert (image == 255).mean() < 0.01  # Detectron2's own reader made 99.6 % of it white
+    os.mkfifo(tmp_path / "fifo.png")
+    box = {}
+    t = threading.Thread(target=lambda: box.update(
+        e=pytest.raises(Exception, read_image, str(tmp_path / "fifo.png"))), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and "is a FIFO, not an image file" in str(box["e"].value)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from ..config import choose
 from .embedded import EmbeddedShapes
+from .image_file import ImageFileError, load_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -41,27 +42,57 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Optional[Callable] = None,
-                 skip_corrupt: bool = False) -> None:
+                 skip_corrupt: bool = False, classes: Optional[list[str]] = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(
                 f"image folder not found: {self.root} (expected {self.root}/<class>/<image files>)"
             )
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        if not self.classes:
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not found:
             raise DatasetError(f"no class folders in {self.root} (expected <class>/<image files>)")
+        self.classes = found
+        self.missing_classes: list[str] = []
+        if classes is not None:  # labels follow another split's class list
+            extra = [c for c in found if c not in classes]
+            if extra:
+                raise DatasetError(
+                    f"{self.root} has class folder(s) {extra[:5]} that the training split does "
+                    f"not have ({len(classes)} classes): no label can be predicted for them; "
+                    "remove them or add them to the training split")
+            self.classes = list(classes)
+            self.missing_classes = [c for c in classes if c not in found]
         self.samples: list[tuple[str, int]] = []
         for ci, c in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(self.root / c)):
-                for fn in sorted(files):
-                    if fn.lower().endswith(IMG_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, fn), ci))
+            if c in found:
+                self.samples.extend((p, ci) for p in self._image_files(self.root / c))
         if not self.samples:
             raise DatasetError(f"no images with extensions {IMG_EXTENSIONS} under {self.root}")
         self.targets = [t for _, t in self.samples]
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         self.num_skipped = 0
+
+    @staticmethod
+    def _image_files(folder: Path) -> list[str]:
+        """Image files under ``folder`` (recursively) in sorted order. Anything named like an
+        image that is not a regular file (a FIFO, a socket, a device) is a ``DatasetError``;
+        the file type comes from the directory listing, so no file is opened or stat'ed."""
+        out, dirs = [], []
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir():
+                if not entry.is_symlink():  # as os.walk: linked folders are not entered
+                    dirs.append(Path(entry.path))
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                if not entry.is_file():
+                    raise DatasetError(f"{entry.path} is named like an image but is not a "
+                                       "regular file (a FIFO, socket or device?): remove it")
+                out.append(entry.path)
+        for d in dirs:
+            out.extend(ImageFolderDataset._image_files(d))
+        return out
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -70,14 +101,20 @@ class ImageFolderDataset(Dataset):
         """File name of image ``index`` (the format of the SimCLR 1%/10% split lists)."""
         return os.path.basename(self.samples[index][0])
 
+    def image_relpath(self, index: int) -> str:
+        """Path of image ``index`` relative to the split folder, ``/``-separated
+        (``<class>/<file>``): what a split file names an image by."""
+        return Path(self.samples[index][0]).relative_to(self.root).as_posix()
+
     def _load(self, path: str) -> Image.Image:
-        """The RGB image at ``path``; any failure to open or decode it (a truncated file, a
-        decompression bomb beyond PIL's pixel limit, a codec error) is a ``DatasetError``
-        naming the file."""
+        """The 8-bit RGB image at ``path`` (16-bit images scaled, see
+        :mod:`m2_pretrain.data.image_file`); any failure to open or decode it (not a regular
+        file, a truncated file, a decompression bomb beyond PIL's pixel limit, a codec error)
+        is a ``DatasetError`` naming the file."""
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                return img.convert("RGB")
+            return load_rgb8(path)
+        except ImageFileError as e:
+            raise DatasetError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable files
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {reason}") from None
@@ -187,8 +224,14 @@ def _open_maybe_gz(path: Path):
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (``.gz`` accepted) into a numpy array."""
-    with _open_maybe_gz(path) as f:
+    f = _open_maybe_gz(path)
+    try:
         data = f.read()
+    except (EOFError, OSError, gzip.BadGzipFile) as e:  # a truncated or corrupt .gz
+        raise DatasetError(f"{getattr(f, 'name', path)}: cannot decompress ({e}); the file is "
+                           "truncated or corrupt, download it again") from None
+    finally:
+        f.close()
     if len(data) < 4:
         raise DatasetError(f"{path}: truncated idx file")
     zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
@@ -237,7 +280,7 @@ class FashionMNIST(Dataset):
 
 
 # --------------------------------------------------------------------------- factory
-def _embedded(data_cfg, split: str, transform: Optional[Callable]) -> Dataset:
+def _embedded(data_cfg, split: str, transform: Optional[Callable], classes=None) -> Dataset:
     seeds = {"train": 0, "test": 1, "unlabeled": 0, "train+unlabeled": 0}
     if split not in seeds:
         raise DatasetError(f"unknown embedded split {split!r} (use train or test)")
@@ -247,22 +290,30 @@ def _embedded(data_cfg, split: str, transform: Optional[Callable]) -> Dataset:
                           palette=data_cfg.embedded_palette)
 
 
-# ``data.dataset`` -> ``(data_cfg, split, transform) -> Dataset``; the only place a dataset is named
+# ``data.dataset`` -> ``(data_cfg, split, transform, classes=None) -> Dataset`` (``classes``: see
+# ``build_dataset``); the only place a dataset is named
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "embedded": _embedded,
-    "imagefolder": lambda d, split, tf: ImageFolderDataset(Path(d.root) / split, tf,
-                                                           d.skip_corrupt),
-    "stl10": lambda d, split, tf: STL10Binary(d.root, split, tf),
-    "fashion_mnist": lambda d, split, tf: FashionMNIST(d.root, split, tf),
+    "imagefolder": lambda d, split, tf, classes=None: ImageFolderDataset(
+        Path(d.root) / split, tf, d.skip_corrupt, classes),
+    "stl10": lambda d, split, tf, classes=None: STL10Binary(d.root, split, tf),
+    "fashion_mnist": lambda d, split, tf, classes=None: FashionMNIST(d.root, split, tf),
 }
 
 
-def build_dataset(data_cfg, split: str, transform: Optional[Callable] = None) -> Dataset:
+def build_dataset(data_cfg, split: str, transform: Optional[Callable] = None,
+                  classes: Optional[list[str]] = None) -> Dataset:
     """Dataset named by ``data_cfg.dataset`` for ``split``.
 
     For the embedded dataset, ``train``/``unlabeled`` draw seed 0 and ``test`` seed 1.
+
+    Args:
+        classes: the class list labels are numbered by (the training split's ``classes``), for
+            datasets whose classes are folder names; the split may lack some of them (listed in
+            its ``missing_classes``) but may not add any. Datasets with fixed labels ignore it.
     """
-    return choose("data.dataset", data_cfg.dataset, DATASETS)(data_cfg, split, transform)
+    return choose("data.dataset", data_cfg.dataset, DATASETS)(data_cfg, split, transform,
+                                                              classes=classes)
 
 
 __all__ = [

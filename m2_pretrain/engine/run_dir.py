@@ -24,12 +24,14 @@ from typing import Any, Callable, Optional
 
 from ..config import Config, config_from_dict
 from ..checkpoint import (
+    CHECKPOINT_FORMAT,
     CheckpointError,
     checkpoint_tensors,
     first_non_finite,
-    is_resumable_checkpoint,
     list_checkpoints,
+    newer_format,
     remove_stale_temp_files,
+    resume_problem,
     safe_load,
 )
 
@@ -176,11 +178,13 @@ def find_resume_checkpoint(folder: str | Path,
 
     A file named like a checkpoint is skipped, with a warning naming it and why, when it does
     not load, was not written by the trainer (judged by its content, e.g. an exported encoder
-    under a checkpoint's name), holds a NaN/inf tensor, or ``reject(ckpt)`` returns a reason.
+    under a checkpoint's name), lacks a part resuming restores (optimizer or RNG state),
+    holds a NaN/inf tensor, or ``reject(ckpt)`` returns a reason.
 
     Raises:
         RunDirError: checkpoints exist but none can be resumed (starting from scratch would let
-            the keep-last rotation delete them).
+            the keep-last rotation delete them), or the newest readable one was written in a
+            newer checkpoint format (resuming an older one would silently drop its progress).
     """
     present = list_checkpoints(folder)
     skipped = []
@@ -190,9 +194,13 @@ def find_resume_checkpoint(folder: str | Path,
         except CheckpointError as e:
             reason = f"unreadable: {e}"
         else:
-            if not is_resumable_checkpoint(ckpt):
-                reason = ("not a checkpoint written by the trainer (an exported encoder or "
-                          "another file under a checkpoint's name?)")
+            if (version := newer_format(ckpt)) is not None:
+                raise RunDirError(
+                    f"--resume: {path} was written by a newer m2-pretrain (checkpoint format "
+                    f"{version}; this version reads up to {CHECKPOINT_FORMAT}): resume it with "
+                    "that version, or upgrade")
+            if (problem := resume_problem(ckpt)) is not None:
+                reason = problem
             elif (bad := first_non_finite(checkpoint_tensors(ckpt))) is not None:
                 reason = f"{bad} holds NaN or inf values"
             else:

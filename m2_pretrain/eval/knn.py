@@ -91,10 +91,11 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
                      progress: bool = False) -> dict[str, float]:
     """kNN top-1/top-5 of ``encoder`` (eval mode) on ``data_cfg``'s kNN splits (or the given
     ones). The training split is subsampled to ``knn_cfg.max_train`` images (fixed seed).
+    Labels of both splits are numbered by the training split's class list.
     """
     from ..data.augment import Normalizer, eval_transform
     from ..data.datasets import build_dataset
-    from .common import check_finite
+    from .common import check_finite, class_coverage, split_classes
 
     train_split = train_split or data_cfg.knn_train_split
     test_split = test_split or data_cfg.knn_test_split or train_split
@@ -102,7 +103,8 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
         raise ValueError("set data.knn_train_split (and data.knn_test_split) for kNN evaluation")
     tf = eval_transform(encoder_res or data_cfg.res)
     train = build_dataset(data_cfg, train_split, tf)
-    test = build_dataset(data_cfg, test_split, tf)
+    test = build_dataset(data_cfg, test_split, tf, classes=split_classes(train))
+    classes = class_coverage(train, test)
     if len(train) > knn_cfg.max_train:
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(train), generator=g)[: knn_cfg.max_train].tolist()
@@ -114,8 +116,9 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
     check_finite("kNN", [(f"features of the {train_split} split", ftr),
                          (f"features of the {test_split} split", fte)],
                  "the encoder's weights or statistics are broken")
-    out = knn_accuracy(ftr, ltr, fte, lte, k=knn_cfg.k, temperature=knn_cfg.temperature)
-    out.update({"train_images": len(train), "val_images": len(test)})
+    out = knn_accuracy(ftr, ltr, fte, lte, num_classes=classes["num_classes"], k=knn_cfg.k,
+                       temperature=knn_cfg.temperature)
+    out.update({"train_images": len(train), "val_images": len(test), **classes})
     return out
 
 

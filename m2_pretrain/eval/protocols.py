@@ -17,7 +17,14 @@ from ..config import Config
 from ..data.augment import Normalizer, eval_transform
 from ..data.datasets import build_dataset
 from ..models.schedules import cosine_decay
-from .common import check_finite, encoder_fingerprint, sanity_check_frozen, topk_correct
+from .common import (
+    check_finite,
+    class_coverage,
+    encoder_fingerprint,
+    sanity_check_frozen,
+    split_classes,
+    topk_correct,
+)
 from .knn import knn_eval_encoder
 
 logger = logging.getLogger(__name__)
@@ -40,10 +47,6 @@ def _splits(cfg: Config) -> tuple[str, str]:
     train = cfg.data.knn_train_split or "train"
     val = cfg.eval.val_split or cfg.data.knn_test_split or "test"
     return train, val
-
-
-def _num_classes(*datasets) -> int:
-    return int(max(max(t for t in getattr(d, "targets")) for d in datasets)) + 1
 
 
 def _bar(it, desc: str, progress: bool, total: Optional[int] = None):
@@ -77,8 +80,10 @@ def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress
     train_split, val_split = _splits(cfg)
     augment = e.linear_augment
     train_ds = build_dataset(cfg.data, train_split, train_transform(res) if augment else eval_transform(res))
-    val_ds = build_dataset(cfg.data, val_split, eval_transform(res))
-    num_classes = _num_classes(train_ds, val_ds)
+    val_ds = build_dataset(cfg.data, val_split, eval_transform(res),
+                           classes=split_classes(train_ds))
+    classes = class_coverage(train_ds, val_ds)
+    num_classes = classes["num_classes"]
     norm = Normalizer(cfg.data.mean, cfg.data.std).to(device)
     encoder = encoder.to(device).eval()
     for p in encoder.parameters():
@@ -112,7 +117,7 @@ def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress
     numbers = _evaluate(model, val_loader, device, progress)
     sanity_check_frozen(encoder, before)
     numbers.update({"features_precomputed": not augment, "steps": total, "lr": lr,
-                    "num_classes": num_classes, "train_images": len(train_ds), "val_images": len(val_ds)})
+                    "train_images": len(train_ds), "val_images": len(val_ds), **classes})
     return numbers
 
 
@@ -207,8 +212,10 @@ def semi_finetune(encoder: nn.Module, cfg: Config, indices: list[int], device: t
     train_split, val_split = _splits(cfg)
     train_full = build_dataset(cfg.data, train_split, train_transform(res))
     recount_full = build_dataset(cfg.data, train_split, eval_transform(res))
-    val_ds = build_dataset(cfg.data, val_split, eval_transform(res))
-    num_classes = _num_classes(train_full, val_ds)
+    val_ds = build_dataset(cfg.data, val_split, eval_transform(res),
+                           classes=split_classes(train_full))
+    classes = class_coverage(train_full, val_ds)
+    num_classes = classes["num_classes"]
     subset = Subset(train_full, indices)
     norm = Normalizer(cfg.data.mean, cfg.data.std).to(device)
     encoder = encoder.to(device)
@@ -243,5 +250,5 @@ def semi_finetune(encoder: nn.Module, cfg: Config, indices: list[int], device: t
     val_loader = DataLoader(val_ds, batch_size=e.batch_size, num_workers=cfg.data.workers)
     numbers = _evaluate(nn.Sequential(_Normalised(encoder, norm), head), val_loader, device, progress)
     numbers.update({"steps": total, "lr": lr, "labelled_images": len(indices),
-                    "bn_layers_recounted": n_bn, "val_images": len(val_ds)})
+                    "bn_layers_recounted": n_bn, "val_images": len(val_ds), **classes})
     return numbers
