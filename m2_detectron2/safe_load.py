@@ -161,16 +161,6 @@ def load_pickle(path: str | Path) -> Any:
         return load_pickle_file(f, str(path))
 
 
-def _torch_refusal(e: BaseException) -> str:
-    """The reason in a ``torch.load(weights_only=True)`` error, on one line, without torch's
-    advice to retry with the restriction lifted (which would run the file's code)."""
-    skip = ("weights only load failed", "weights_only", "please file an issue",
-            "check the documentation", "do it only if", "re-running")
-    lines = [ln.strip() for ln in str(e).replace("WeightsUnpickler error:", "\n").splitlines()]
-    kept = [ln for ln in lines if ln and not any(s in ln.lower() for s in skip)]
-    return kept[0] if kept else type(e).__name__
-
-
 def load_torch_file(path: str | Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers, on CPU.
 
@@ -181,9 +171,7 @@ def load_torch_file(path: str | Path) -> Any:
         UnsafePickleError: the file is missing, references other objects, or is not a
             PyTorch file; one line naming the file.
     """
-    import warnings
-
-    import torch
+    from m2_pretrain.checkpoint import refusal_reason, torch_load_restricted
 
     path = Path(path)
     if path.is_dir():
@@ -191,12 +179,10 @@ def load_torch_file(path: str | Path) -> Any:
     if not path.is_file():
         raise UnsafePickleError(f"weights file not found: {path}")
     try:
-        with warnings.catch_warnings():  # torch warns about the protocol of plain pickles
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_restricted(path)
     except Exception as e:  # noqa: BLE001 - any failure means "not usable weights"
         raise UnsafePickleError(f"{path}: refused by the restricted loader of PyTorch files "
-                                f"({_torch_refusal(e)})") from None
+                                f"({refusal_reason(e)})") from None
 
 
 class _PortablePickler(pickle.Pickler):

@@ -32,8 +32,9 @@ class CheckpointError(RuntimeError):
 # considers only files whose content says the trainer wrote them, whatever their name.
 CHECKPOINT_MARKER = "m2_pretrain_checkpoint"
 CHECKPOINT_FORMAT = 1
-# What a checkpoint written before the marker existed holds (all of it is needed to resume).
-_RESUME_KEYS = ("student", "teacher", "config", "optimizer", "step", "rng")
+# What every checkpoint the trainer writes holds, whatever the method (all of it is needed to
+# resume; the method's other parts are checked by the trainer, which knows them).
+_RESUME_KEYS = ("student", "config", "optimizer", "step", "rng")
 
 
 def is_training_checkpoint(obj: Any) -> bool:
@@ -183,7 +184,16 @@ _UNSAFE_ADVICE = ("weights only load failed", "weights_only", "safe_globals",
                   "check the documentation", "alternatively,", "trust")
 
 
-def _refusal_reason(e: BaseException) -> str:
+def torch_load_restricted(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, torch's protocol warning silenced:
+    tensors and plain containers only, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says (it
+    only changes the default). Errors pass through; :func:`refusal_reason` words them."""
+    with warnings.catch_warnings():  # torch warns about the protocol of plain pickles
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def refusal_reason(e: BaseException) -> str:
     """The useful part of a torch.load error, on one line, without torch's advice to retry with
     ``weights_only=False`` or to allowlist globals (either would run the file's code)."""
     text = str(e).replace("WeightsUnpickler error:", "\n")
@@ -208,16 +218,14 @@ def safe_load(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with warnings.catch_warnings():  # torch warns about the protocol of plain pickles
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_restricted(path)
     except Exception as e:  # noqa: BLE001 - any failure means "not a usable checkpoint"
         what = describe_file(path)
         if what == D2_WEIGHTS:
             raise CheckpointError(
                 f"{path} is already a Detectron2 weights file (.pkl), not a PyTorch checkpoint: "
                 "pass it to Detectron2 as MODEL.WEIGHTS") from None
-        reason = _refusal_reason(e)
+        reason = refusal_reason(e)
         raise CheckpointError(f"{path} is not a loadable PyTorch checkpoint ({what}; "
                               f"torch.load(weights_only=True) says: {reason})") from None
 

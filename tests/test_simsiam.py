@@ -105,3 +105,19 @@ def test_knn_monitor_reads_the_encoder_export_writes(tmp_path, monkeypatch, meth
     sd, _ = load_exported_encoder(tmp_path / "enc.pth")
     monitored = seen[-1].state_dict()
     assert set(sd) <= set(monitored) and all(torch.equal(sd[k], monitored[k]) for k in sd)
+
+
+def test_resume_needs_the_parts_this_method_saves(tmp_path):
+    """The framework requires only what every method saves; a checkpoint without a part the
+    configured method restores is refused by name (M2 without its teacher)."""
+    from m2_pretrain.engine.run_dir import RunDirError
+
+    cfg = tiny_config(train={"max_steps": 2})
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    ckpt_path = list_checkpoints(tmp_path / "run")[-1]
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["teacher"]
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(RunDirError, match="it lacks teacher, which resuming model.method=m2"):
+        Trainer(tiny_config(train={"max_steps": 4}), tmp_path / "run", resume=True,
+                progress=False)

@@ -195,8 +195,14 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _diverged_checkpoint(self, ckpt: dict) -> Optional[str]:
-        """Why ``--resume`` must not continue from ``ckpt`` under the divergence rule, or None."""
-        return self.guard.check_checkpoint(ckpt, list(self.model.checkpoint_parts()))
+        """Why ``--resume`` must not continue from ``ckpt`` (a part this method restores is
+        missing, or the divergence rule), or None."""
+        parts = list(self.model.checkpoint_parts())
+        missing = [k for k in parts if not isinstance(ckpt.get(k), dict)]
+        if missing:
+            return (f"it lacks {', '.join(missing)}, which resuming model.method="
+                    f"{self.cfg.model.method} restores")
+        return self.guard.check_checkpoint(ckpt, parts)
 
     def save_checkpoint(self) -> Optional[Path]:
         if not self.dist.is_main:

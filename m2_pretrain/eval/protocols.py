@@ -135,21 +135,31 @@ def train_linear_head(head: nn.Module, loader, features, total_steps: int, lr: f
     """``total_steps`` of SGD (momentum 0.9, no weight decay, cosine lr from ``lr``) on
     cross-entropy of ``head(features(x))`` over ``loader``'s ``(x, y)`` batches, epoch after
     epoch; returns ``head`` in eval mode."""
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    step = 0
     head.train()
-    for _ in _bar(range(math.ceil(total_steps / len(loader))), "linear", progress):
+    sgd_cosine(head.parameters(), loader,
+               lambda x, y: F.cross_entropy(head(features(x)), torch.as_tensor(y).to(device)),
+               total_steps, lr, "linear", progress)
+    return head.eval()
+
+
+def sgd_cosine(params, loader, loss_fn: Callable, total_steps: int, lr: float, desc: str,
+               progress: bool = False) -> None:
+    """``total_steps`` of SGD (momentum 0.9, no weight decay) on ``params`` with a cosine
+    learning rate from ``lr`` to 0, minimising ``loss_fn(x, y)`` over ``loader``'s batches
+    epoch after epoch (the linear probe's and the semi-supervised fine-tuning's loop)."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
+    step = 0
+    for _ in _bar(range(math.ceil(total_steps / len(loader))), desc, progress):
         for x, y in loader:
             if step >= total_steps:
                 break
             for g in opt.param_groups:
                 g["lr"] = cosine_decay(step, total_steps, lr)
-            loss = F.cross_entropy(head(features(x)), torch.as_tensor(y).to(device))
+            loss = loss_fn(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-    return head.eval()
 
 
 class _Normalised(nn.Module):
@@ -227,21 +237,11 @@ def semi_finetune(encoder: nn.Module, cfg: Config, indices: list[int], device: t
     lr = e.semi_lr * bs / e.semi_batch_size
     loader = DataLoader(subset, batch_size=bs, shuffle=True, drop_last=len(subset) > bs,
                         num_workers=cfg.data.workers, pin_memory=device.type == "cuda")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     total = max(int(round(e.semi_epochs * len(loader))), 1)
-    step = 0
     model.train()
-    for _ in _bar(range(math.ceil(total / len(loader))), "semi", progress):
-        for x, y in loader:
-            if step >= total:
-                break
-            for g in opt.param_groups:
-                g["lr"] = cosine_decay(step, total, lr)
-            loss = F.cross_entropy(model(norm(x.to(device))), torch.as_tensor(y).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    sgd_cosine(model.parameters(), loader,
+               lambda x, y: F.cross_entropy(model(norm(x.to(device))), torch.as_tensor(y).to(device)),
+               total, lr, "semi", progress)
     recount_loader = DataLoader(Subset(recount_full, indices), batch_size=bs, shuffle=False,
                                 num_workers=cfg.data.workers)
     n_bn = recount_bn_statistics(encoder, recount_loader, norm, device)
