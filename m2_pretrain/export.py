@@ -55,8 +55,8 @@ def encoder_state_from_checkpoint(ckpt: dict, which: str | None = None) -> dict[
     if not isinstance(ckpt.get(which), dict):
         parts = sorted(k for k, v in ckpt.items() if isinstance(v, dict)
                        and any(str(n).startswith("encoder.") for n in v))
-        raise ValueError(f"this {ckpt.get('meta', {}).get('method', '')} checkpoint has no "
-                         f"'{which}' branch; choose one of {', '.join(parts)}")
+        raise CheckpointError(f"this {ckpt.get('meta', {}).get('method', '')} checkpoint has "
+                              f"no '{which}' branch; choose --which {' or '.join(parts)}")
     prefix = "encoder."
     out = {}
     for k, v in ckpt[which].items():

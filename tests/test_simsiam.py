@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import stop_after_step, tiny_config
-from m2_pretrain.checkpoint import list_checkpoints
+from m2_pretrain.checkpoint import CheckpointError, list_checkpoints
 from m2_pretrain.engine.trainer import Trainer
 from m2_pretrain.eval import knn as knn_mod
 from m2_pretrain.export import export_encoder, load_exported_encoder
@@ -66,6 +66,9 @@ def test_trains_resumes_exactly_exports_and_evaluates(tmp_path):
     sd, header = load_exported_encoder(tmp_path / "enc.safetensors")
     assert header == meta and meta["method"] == "simsiam" and meta["which"] == "student"
     assert meta["student_norm"] == "bn" and "teacher_norm" not in meta and "key_norm" not in meta
+    with pytest.raises(CheckpointError, match="simsiam checkpoint has no 'teacher' branch; "
+                                              "choose --which student"):
+        export_encoder(ckpt, tmp_path / "t.safetensors", which="teacher")
     saved = torch.load(ckpt, weights_only=False)["student"]
     torch.testing.assert_close(sd["conv1.weight"], saved["encoder.conv1.weight"])
 
