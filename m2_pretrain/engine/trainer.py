@@ -24,7 +24,13 @@ from ..config import Config, bn_groups, check_encoder, config_from_dict, save_co
 from ..data.feed import TwoViewFeed
 from ..models.schedules import RunSchedule, Schedule
 from ..models.build import build_augmentation, build_model
-from .distributed import check_sync_norms, init_distributed, resolve_device, wrap_ddp
+from .distributed import (
+    StopAgreement,
+    check_sync_norms,
+    init_distributed,
+    resolve_device,
+    wrap_ddp,
+)
 from .health import DivergedStateError, NonFiniteLossError, StateGuard
 from .hooks import PeriodicHook
 from .optim import build_optimizer
@@ -80,6 +86,7 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         check_encoder(cfg)  # before anything is written
         self.dist = init_distributed(self.device.type)
+        self._stop_agreement = StopAgreement(self.dist)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self._build_model()  # and the optimizer: before the output directory is claimed
         self._run_lock = claim_output_dir(self.out, resume, self.dist.is_main)
@@ -95,7 +102,8 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (continuous across epochs)
         self.schedule = self.run_schedule.at(0)
         self.history: list[dict] = []
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: Optional[int] = None  # a stop signal this process received
+        self._stopped_by_signal = False  # all processes agreed to stop after this step
         self._fit: Optional[_FitState] = None
         self._resumed_from: Optional[tuple[Path, int]] = None
         self._last_saved: Optional[tuple[Path, int]] = None
@@ -198,6 +206,12 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ signals
+    # SIGTERM (preemption, scancel), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the
+    # time limit, `#SBATCH --signal=B:USR1@<s>`): checkpoint after the step all processes agree
+    # on, then stop (the CLI exits with distributed.REQUEUE_EXIT).
+    STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1")
+                         if hasattr(signal, n))
+
     def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signum
 
@@ -313,7 +327,9 @@ class Trainer:
         done = self.step >= self.total_steps
         log_now = self.step % self.cfg.train.log_every == 0 or done
         ckpt_now = self.step % self.cfg.checkpoint.every_steps == 0 or done
-        stop_now = self._stop_signal is not None
+        # one small collective per step: every process stops after the same step
+        stop_now = self._stop_agreement.agree(self._stop_signal is not None)
+        self._stopped_by_signal = stop_now
         if log_now or ckpt_now or stop_now:
             self._host_sync_checks()
         if log_now:
@@ -327,7 +343,7 @@ class Trainer:
     def _fit_session(self):
         """Signal handlers, TensorBoard writer, progress bar and the data iterator for fit()."""
         old_handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.STOP_SIGNALS:
             try:
                 old_handlers[sig] = signal.signal(sig, self._handle_signal)
             except ValueError:  # not in the main thread
@@ -348,7 +364,8 @@ class Trainer:
             self._fit = None
 
     def fit(self) -> dict:
-        """Train until ``total_steps`` (or a SIGTERM/SIGINT, after a checkpoint).
+        """Train until ``total_steps``, or until a stop signal (``STOP_SIGNALS``) reaches any
+        process: then all stop after the same step, once its checkpoint is written.
 
         Returns:
             ``{"status", "step", "total_steps", "history"}``.
@@ -363,13 +380,15 @@ class Trainer:
         try:
             with self._fit_session():
                 self.model.train()
-                while self.step < self.total_steps and self._stop_signal is None:
+                while self.step < self.total_steps and not self._stopped_by_signal:
                     self.run_step()
                     self.after_step()
-                if self._stop_signal is not None:
-                    status = f"interrupted by signal {self._stop_signal}"
-                    logger.warning("%s: checkpoint saved at step %d in %s", status, self.step,
-                                   self.out)
+                if self._stopped_by_signal and self.step < self.total_steps:
+                    status = (f"interrupted by signal {self._stop_signal}"
+                              if self._stop_signal is not None
+                              else "interrupted by a signal to another process")
+                    logger.warning("%s: stopped after step %d, checkpoint saved in %s", status,
+                                   self.step, self.out)
         except BaseException:
             self._forget_unsaved_fresh_run()
             raise
