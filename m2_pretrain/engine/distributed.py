@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -17,6 +18,11 @@ from ..config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
+# Signals that make a run checkpoint after the step all its processes agree on, then stop:
+# SIGTERM (preemption, scancel, the time limit), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning
+# before the time limit, `#SBATCH --signal=B:USR1@<s>`).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1")
+                     if hasattr(signal, n))
 # Exit status of a run stopped by a signal after writing its checkpoint: run the same command
 # again (with --resume) to continue. scripts/slurm/*.sbatch turn it into `scontrol requeue`.
 # 75 is EX_TEMPFAIL of sysexits.h ("try again later").
@@ -146,7 +152,28 @@ def launch_from_env(env: Mapping[str, str] = os.environ) -> Launch:
                   f"tcp://{addr}:{port}")
 
 
-def init_distributed(device_kind: str) -> DistInfo:
+def check_world(cfg: Config, world_size: int, cuda: bool) -> None:
+    """Config values that ``world_size`` processes cannot run, checked before the rendezvous.
+
+    Raises:
+        ConfigError: naming the key, in one line.
+    """
+    if world_size <= 1:
+        return
+    check_sync_norms(cfg, True, cuda)
+    t = cfg.train
+    keys = t.batch_size * world_size
+    if cfg.model.method == "mocov2" and cfg.model.moco.queue < keys:
+        raise ConfigError(f"config key 'model.moco.queue' ({cfg.model.moco.queue}) is smaller than "
+                          f"the keys one step enqueues (train.batch_size {t.batch_size} x "
+                          f"{world_size} processes = {keys}); raise it or use fewer processes")
+    if cfg.data.dataset == "embedded" and cfg.data.num_images < keys:
+        raise ConfigError(f"config key 'data.num_images' ({cfg.data.num_images}) is smaller than "
+                          f"one step's batch (train.batch_size {t.batch_size} x {world_size} "
+                          "processes); raise it or use fewer processes")
+
+
+def init_distributed(device_kind: str, cfg: Optional[Config] = None) -> DistInfo:
     """Initialise torch.distributed from torchrun's or SLURM's environment (see
     :func:`launch_from_env`; no-op for one process). On CUDA, process ``local_rank`` takes
     GPU ``local_rank`` of its node, or the one GPU it sees when the launcher binds one per task.
@@ -154,10 +181,14 @@ def init_distributed(device_kind: str) -> DistInfo:
     Raises:
         LaunchError: before any rendezvous, for an environment that cannot start the run or a
             local rank without its GPU.
+        ConfigError: before any rendezvous, for a ``cfg`` this many processes cannot run
+            (:func:`check_world`).
     """
     launch = launch_from_env()
     if launch.world_size <= 1:
         return DistInfo()
+    if cfg is not None:
+        check_world(cfg, launch.world_size, device_kind == "cuda")
     index = launch.local_rank
     if device_kind == "cuda":
         count = torch.cuda.device_count()

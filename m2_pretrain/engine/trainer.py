@@ -25,6 +25,7 @@ from ..data.feed import TwoViewFeed
 from ..models.schedules import RunSchedule, Schedule
 from ..models.build import build_augmentation, build_model
 from .distributed import (
+    STOP_SIGNALS,
     StopAgreement,
     check_sync_norms,
     init_distributed,
@@ -85,7 +86,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.cuda = self.device.type == "cuda"
         check_encoder(cfg)  # before anything is written
-        self.dist = init_distributed(self.device.type)
+        self.dist = init_distributed(self.device.type, cfg)
         self._stop_agreement = StopAgreement(self.dist)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self._build_model()  # and the optimizer: before the output directory is claimed
@@ -190,6 +191,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.schedule = self.run_schedule.at(self.step)
         restore_rng_state(ckpt["rng"])
+        self._restore_rank_state(ckpt, path)
         self._resumed_from = (path, self.step)
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -197,21 +199,56 @@ class Trainer:
         """Why ``--resume`` must not continue from ``ckpt`` under the divergence rule, or None."""
         return self.guard.check_checkpoint(ckpt, list(self.model.checkpoint_parts()))
 
+    # Under DDP the processes share parameters but not buffers (per-device BN and Momentum BN
+    # statistics) nor random state: a checkpoint keeps every process's, so that a resumed run
+    # continues exactly on each of them.
+    def _rank_state(self) -> dict:
+        parts = self.model.checkpoint_parts()
+        return {"buffers": {k: {n: b.detach().cpu() for n, b in m.named_buffers()}
+                            for k, m in parts.items()},
+                "extra": {n: b.detach().cpu() for n, b in self.model.named_buffers(recurse=False)},
+                "rng": capture_rng_state()}
+
+    def _restore_rank_state(self, ckpt: dict, path: Path) -> None:
+        ranks = ckpt.get("ranks")
+        if self.dist.world_size <= 1 and not ranks:
+            return
+        if not ranks or len(ranks) != self.dist.world_size:
+            logger.warning("%s holds per-process state of %s process(es), this run has %d: "
+                           "every process starts from process 0's BN statistics and random "
+                           "state", path, len(ranks) if ranks else "no", self.dist.world_size)
+            return
+        mine = ranks[self.dist.rank]
+        parts = self.model.checkpoint_parts()
+        with torch.no_grad():
+            for key, buffers in mine["buffers"].items():
+                own = dict(parts[key].named_buffers())
+                for name, value in buffers.items():
+                    own[name].copy_(value)
+            for name, value in mine.get("extra", {}).items():
+                getattr(self.model, name).copy_(value)
+        restore_rng_state(mine["rng"])
+
     def save_checkpoint(self) -> Optional[Path]:
+        """Write ``ckpt_<step>.pth`` from process 0 (None elsewhere). Under DDP every process
+        must call it: it gathers each one's buffers and random state."""
+        ranks = None
+        if self.dist.world_size > 1:
+            ranks = [None] * self.dist.world_size if self.dist.is_main else None
+            torch.distributed.gather_object(self._rank_state(), ranks, dst=0,
+                                            group=self._stop_agreement.group)
         if not self.dist.is_main:
             return None
-        path = save_rotating(self.state_dict(), self.out, self.step,
-                             self.cfg.checkpoint.keep_last)
+        state = self.state_dict()
+        if ranks is not None:
+            state["ranks"] = ranks
+        path = save_rotating(state, self.out, self.step, self.cfg.checkpoint.keep_last)
         self._last_saved = (path, self.step)
         return path
 
     # ------------------------------------------------------------------ signals
-    # SIGTERM (preemption, scancel), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning before the
-    # time limit, `#SBATCH --signal=B:USR1@<s>`): checkpoint after the step all processes agree
-    # on, then stop (the CLI exits with distributed.REQUEUE_EXIT).
-    STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1")
-                         if hasattr(signal, n))
-
+    # distributed.STOP_SIGNALS: checkpoint after the step all processes agree on, then stop
+    # (the CLI exits with distributed.REQUEUE_EXIT).
     def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signum
 
@@ -343,7 +380,7 @@ class Trainer:
     def _fit_session(self):
         """Signal handlers, TensorBoard writer, progress bar and the data iterator for fit()."""
         old_handlers = {}
-        for sig in self.STOP_SIGNALS:
+        for sig in STOP_SIGNALS:
             try:
                 old_handlers[sig] = signal.signal(sig, self._handle_signal)
             except ValueError:  # not in the main thread
