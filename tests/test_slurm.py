@@ -228,8 +228,8 @@ def test_pretrain_template_requeue_resume_and_torchrun(slurm, tmp_path):
     cfg.write_text(TINY.replace("STEPS", str(steps)))
     common = {"CONFIG": str(cfg)}
     # submitted first, so it runs first; the uninterrupted one runs while it waits requeued
-    cut = Job(slurm, "pretrain.sbatch", tmp_path / "cut.log", {**common, "OUT": str(tmp_path / "cut")},
-              sbatch_args=["--ntasks=2"])
+    cut = Job(slurm, "pretrain.sbatch", tmp_path / "cut.log",
+              {**common, "OUT": str(tmp_path / "cut")}, sbatch_args=["--ntasks=2"])
     full = Job(slurm, "pretrain.sbatch", tmp_path / "full.log",
                {**common, "OUT": str(tmp_path / "full")}, sbatch_args=["--ntasks=2"])
     cut.wait_for(lambda: (tmp_path / "cut" / "ckpt_00000002.pth").exists(), "step 2")
