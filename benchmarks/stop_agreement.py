@@ -7,9 +7,9 @@ Two arms, interleaved in blocks of steps within one run of ``Trainer.run_step`` 
   local   the same steps with the agreement replaced by the process's own flag
 and, alone, the latency of ``StopAgreement.agree`` (median of 200 calls).
 
-    python benchmarks/stop_agreement.py --nproc 2 --json benchmarks/results/stop_agreement_cpu.json
+    python benchmarks/stop_agreement.py --processes 2 --json benchmarks/results/stop_agreement_cpu.json
 
-It starts itself under ``torch.distributed.run`` with ``--nproc`` processes (gloo, CPU).
+It starts itself under ``torch.distributed.run`` with ``--processes`` processes (gloo, CPU).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nproc", type=int, default=2, help="processes (gloo, CPU)")
+    ap.add_argument("--processes", type=int, default=2, help="processes (gloo, CPU)")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32, help="images per view per process")
@@ -53,7 +53,7 @@ def worker(args) -> None:
     steps = args.warmup + 2 * args.block * args.blocks
     cfg = load_config(None, [
         f"model.arch={args.arch}", "model.zero_init_last=false", "data.dataset=embedded",
-        f"data.res={args.res}", f"data.num_images={args.batch * args.nproc * (steps + 1)}",
+        f"data.res={args.res}", f"data.num_images={args.batch * args.processes * (steps + 1)}",
         "data.workers=0", f"train.batch_size={args.batch}", f"train.max_steps={steps}",
         f"train.log_every={steps}", f"checkpoint.every_steps={steps}", "train.device=cpu"])
     rank = int(os.environ.get("RANK", 0))
@@ -101,10 +101,10 @@ def main(argv=None) -> None:
 
     shutil.rmtree(args.out_dir, ignore_errors=True)
     Path(args.out_dir).mkdir(parents=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.processes}",
            f"--master_port={args.port}", __file__, "--worker"] + [
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max((os.cpu_count() or 1) // args.nproc, 1))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max((os.cpu_count() or 1) // args.processes, 1))}
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
     res = json.loads(Path(args.out_dir, "result.json").read_text())
     a, b = res["arms"]["agree"], res["arms"]["local"]
