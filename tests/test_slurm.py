@@ -31,6 +31,14 @@ from slurm_cluster import LocalSlurm, free_port as _port, missing
 REPO = Path(__file__).resolve().parents[1]
 STEP = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]",
         "SLURM_STEP_NODELIST": "gpu[07-08]"}
+# a tiny pretraining config; STEPS is replaced by the number of steps
+TINY = """\
+model: {arch: resnet18, proj_hidden: 32, proj_out: 16, pred_hidden: 32}
+data: {dataset: embedded, res: 32, num_images: 64, workers: 0}
+train: {batch_size: 8, max_steps: STEPS, log_every: 1, device: cpu, seed: 3}
+optim: {warmup_epochs: 0.25, lr_reference_batch: 8}
+checkpoint: {every_steps: 2, keep_last: 30}
+"""
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -109,6 +117,31 @@ def test_templates_refuse_to_run_outside_slurm(template):
     assert "submit it with sbatch" in r.stderr
 
 
+def test_sigusr1_stops_after_the_step_with_the_requeue_status(tmp_path, monkeypatch):
+    """SLURM's time-limit warning (SIGUSR1) in one process: checkpoint after the step it
+    arrived in, then ``m2-pretrain train`` returns ``REQUEUE_EXIT``; ``--resume`` finishes."""
+    from m2_pretrain import cli
+    from m2_pretrain.checkpoint import list_checkpoints
+    from m2_pretrain.engine.trainer import Trainer
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("STEPS", "4").replace("every_steps: 2", "every_steps: 4"))
+    run_step = Trainer.run_step
+
+    def run_step_then_signal(self):
+        run_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(Trainer, "run_step", run_step_then_signal)
+    argv = ["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    assert cli._train(cli.parse_args(argv)) == REQUEUE_EXIT
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["ckpt_00000002.pth"]
+    monkeypatch.setattr(Trainer, "run_step", run_step)
+    assert cli._train(cli.parse_args(argv + ["--resume"])) == 0
+    assert list_checkpoints(tmp_path / "run")[-1].name == "ckpt_00000004.pth"
+
+
 # ----------------------------------------------------------------------------- agreement
 def _agree_worker(rank: int, port: int, flags: list, out) -> None:
     import torch.distributed as dist
@@ -136,13 +169,6 @@ def test_stop_agreement_stops_every_process_when_one_asks():
 
 
 # ----------------------------------------------------------------------------- scheduler
-TINY = """\
-model: {arch: resnet18, proj_hidden: 32, proj_out: 16, pred_hidden: 32}
-data: {dataset: embedded, res: 32, num_images: 64, workers: 0}
-train: {batch_size: 8, max_steps: STEPS, log_every: 1, device: cpu, seed: 3}
-optim: {warmup_epochs: 0.25, lr_reference_batch: 8}
-checkpoint: {every_steps: 2, keep_last: 30}
-"""
 JOB_TIMEOUT = 300  # seconds for any one job to reach the state a test waits for
 
 
