@@ -36,6 +36,7 @@ from .checks import (
 from .config import add_m2_config
 from .data import DatasetSpecError, build_mapper, register_coco_spec, register_embedded
 from .evaluation import build_evaluator
+from .stop import StopOnSignal
 
 logger = logging.getLogger("m2_detectron2")
 
@@ -48,6 +49,11 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         _restrict(self.checkpointer)
+
+    def build_hooks(self):
+        """Detectron2's hooks, then :class:`~m2_detectron2.stop.StopOnSignal` (a stop signal
+        checkpoints after the iteration all processes agree on)."""
+        return super().build_hooks() + [StopOnSignal(self.checkpointer)]
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -14,6 +14,7 @@ from .export import DEFAULT_OUT
 
 
 def _train(args) -> int:
+    from .engine.distributed import REQUEUE_EXIT
     from .engine.trainer import NonFiniteLossError, Trainer
     from .eval.knn import knn_monitor
 
@@ -29,7 +30,8 @@ def _train(args) -> int:
         return 2
     print(f"{result['status']}: step {result['step']}/{result['total_steps']}, "
           f"checkpoints in {out}")
-    return 0 if result["status"] == "completed" else 130
+    # stopped by a signal after its checkpoint: the sbatch templates requeue on this status
+    return 0 if result["status"] == "completed" else REQUEUE_EXIT
 
 
 def _export(args) -> int:

@@ -8,6 +8,7 @@
         DATASETS.TRAIN '("mine",)'
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import m2_detectron2  # noqa: E402,F401  (installs the detectron2._C stand-in wh
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
 from m2_detectron2.safe_load import UnsafePickleError  # noqa: E402
+from m2_detectron2.stop import RunInterrupted, install_signal_handlers  # noqa: E402
 from m2_detectron2.train import SetupError, main, validate_setup  # noqa: E402
+from m2_pretrain.engine.distributed import REQUEUE_EXIT  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,11 +30,29 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def run(args):
+    """``main`` in each launched process; a run stopped by a signal (after its checkpoint)
+    exits with ``REQUEUE_EXIT``: run the same command with ``--resume`` to continue."""
+    try:
+        return main(args)
+    except RunInterrupted as e:
+        logging.getLogger("m2_detectron2").warning("%s: checkpoint saved, exit status %d",
+                                                   e, REQUEUE_EXIT)
+        sys.exit(REQUEUE_EXIT)
+
+
 if __name__ == "__main__":
     args = parse_args()
     try:
         validate_setup(args)  # once here: errors inside launched workers escape as tracebacks
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        # a stop signal to this process is noted, not fatal: under SLURM it reaches every
+        # process of the task, and the launcher must outlive its workers' checkpoint
+        install_signal_handlers()
+        launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except (SetupError, UnsafePickleError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # a launched worker's exit status (torch's ProcessExitedException)
+        if getattr(e, "exit_code", None) == REQUEUE_EXIT:
+            sys.exit(REQUEUE_EXIT)
+        raise

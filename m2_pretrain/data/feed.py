@@ -4,6 +4,7 @@ the training device."""
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Callable, Iterator
 
@@ -17,6 +18,14 @@ from .datasets import build_dataset
 from .sampling import EpochBatchSampler, SeededSample, collate_pairs
 
 logger = logging.getLogger(__name__)
+
+
+def ignore_time_limit_signal(worker_id: int) -> None:  # noqa: ARG001
+    """Loader workers ignore SIGUSR1, SLURM's warning before the time limit, which reaches
+    every process of a job: the training process alone acts on it. (SIGTERM stays as it is:
+    the loader ends its workers with it.)"""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def resolve_augment_device(kind: str, device: torch.device) -> str:
@@ -73,7 +82,8 @@ class TwoViewFeed:
         d = self.data_cfg
         return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=d.workers,
                           pin_memory=d.pin_memory and self.device.type == "cuda",
-                          collate_fn=collate_pairs, persistent_workers=False)
+                          collate_fn=collate_pairs, persistent_workers=False,
+                          worker_init_fn=ignore_time_limit_signal if d.workers > 0 else None)
 
     def micro_batches(self, start: int, on_wait: Callable[[float], None]) -> Iterator:
         """Loader micro-batches from micro-batch ``start`` on, across epochs; the seconds spent

@@ -26,7 +26,14 @@ from ..layers.fused_bn import fused_bn_status
 from ..models.schedules import RunSchedule, Schedule
 from ..models.build import build_augmentation, build_model
 from ..models.encoder import check_encoder
-from .distributed import check_sync_norms, init_distributed, resolve_device, wrap_ddp
+from .distributed import (
+    STOP_SIGNALS,
+    StopAgreement,
+    check_sync_norms,
+    init_distributed,
+    resolve_device,
+    wrap_ddp,
+)
 from .health import DivergedStateError, NonFiniteLossError, StateGuard
 from .hooks import PeriodicHook
 from .optim import build_optimizer
@@ -88,7 +95,8 @@ class Trainer:
                               and self.device.type in CHANNELS_LAST_DEVICES
                               else torch.contiguous_format)
         check_encoder(cfg)  # before anything is written
-        self.dist = init_distributed(self.device.type)
+        self.dist = init_distributed(self.device.type, cfg)
+        self._stop_agreement = StopAgreement(self.dist)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         # everything that can fail on a config name (model, optimizer, data feed, schedules)
         # is built before the output directory is claimed
@@ -106,7 +114,8 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (continuous across epochs)
         self.schedule = self.run_schedule.at(0)
         self.history: list[dict] = []
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: Optional[int] = None  # a stop signal this process received
+        self._stopped_by_signal = False  # all processes agreed to stop after this step
         self._fit: Optional[_FitState] = None
         self._resumed_from: Optional[tuple[Path, int]] = None
         self._last_saved: Optional[tuple[Path, int]] = None
@@ -191,6 +200,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.schedule = self.run_schedule.at(self.step)
         restore_rng_state(ckpt["rng"])
+        self._restore_rank_state(ckpt, path)
         self._resumed_from = (path, self.step)
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -204,15 +214,56 @@ class Trainer:
                     f"{self.cfg.model.method} restores")
         return self.guard.check_checkpoint(ckpt, parts)
 
+    # Under DDP the processes share parameters but not buffers (per-device BN and Momentum BN
+    # statistics) nor random state: a checkpoint keeps every process's, so that a resumed run
+    # continues exactly on each of them.
+    def _rank_state(self) -> dict:
+        parts = self.model.checkpoint_parts()
+        return {"buffers": {k: {n: b.detach().cpu() for n, b in m.named_buffers()}
+                            for k, m in parts.items()},
+                "extra": {n: b.detach().cpu() for n, b in self.model.named_buffers(recurse=False)},
+                "rng": capture_rng_state()}
+
+    def _restore_rank_state(self, ckpt: dict, path: Path) -> None:
+        ranks = ckpt.get("ranks")
+        if self.dist.world_size <= 1 and not ranks:
+            return
+        if not ranks or len(ranks) != self.dist.world_size:
+            logger.warning("%s holds per-process state of %s process(es), this run has %d: "
+                           "every process starts from process 0's BN statistics and random "
+                           "state", path, len(ranks) if ranks else "no", self.dist.world_size)
+            return
+        mine = ranks[self.dist.rank]
+        parts = self.model.checkpoint_parts()
+        with torch.no_grad():
+            for key, buffers in mine["buffers"].items():
+                own = dict(parts[key].named_buffers())
+                for name, value in buffers.items():
+                    own[name].copy_(value)
+            for name, value in mine.get("extra", {}).items():
+                getattr(self.model, name).copy_(value)
+        restore_rng_state(mine["rng"])
+
     def save_checkpoint(self) -> Optional[Path]:
+        """Write ``ckpt_<step>.pth`` from process 0 (None elsewhere). Under DDP every process
+        must call it: it gathers each one's buffers and random state."""
+        ranks = None
+        if self.dist.world_size > 1:
+            ranks = [None] * self.dist.world_size if self.dist.is_main else None
+            torch.distributed.gather_object(self._rank_state(), ranks, dst=0,
+                                            group=self._stop_agreement.group)
         if not self.dist.is_main:
             return None
-        path = save_rotating(self.state_dict(), self.out, self.step,
-                             self.cfg.checkpoint.keep_last)
+        state = self.state_dict()
+        if ranks is not None:
+            state["ranks"] = ranks
+        path = save_rotating(state, self.out, self.step, self.cfg.checkpoint.keep_last)
         self._last_saved = (path, self.step)
         return path
 
     # ------------------------------------------------------------------ signals
+    # distributed.STOP_SIGNALS: checkpoint after the step all processes agree on, then stop
+    # (the CLI exits with distributed.REQUEUE_EXIT).
     def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signum
 
@@ -328,7 +379,9 @@ class Trainer:
         done = self.step >= self.total_steps
         log_now = self.step % self.cfg.train.log_every == 0 or done
         ckpt_now = self.step % self.cfg.checkpoint.every_steps == 0 or done
-        stop_now = self._stop_signal is not None
+        # one small collective per step: every process stops after the same step
+        stop_now = self._stop_agreement.agree(self._stop_signal is not None)
+        self._stopped_by_signal = stop_now
         if log_now or ckpt_now or stop_now:
             self._host_sync_checks()
         if log_now:
@@ -342,7 +395,7 @@ class Trainer:
     def _fit_session(self):
         """Signal handlers, TensorBoard writer, progress bar and the data iterator for fit()."""
         old_handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 old_handlers[sig] = signal.signal(sig, self._handle_signal)
             except ValueError:  # not in the main thread
@@ -363,7 +416,8 @@ class Trainer:
             self._fit = None
 
     def fit(self) -> dict:
-        """Train until ``total_steps`` (or a SIGTERM/SIGINT, after a checkpoint).
+        """Train until ``total_steps``, or until a stop signal (``STOP_SIGNALS``) reaches any
+        process: then all stop after the same step, once its checkpoint is written.
 
         Returns:
             ``{"status", "step", "total_steps", "history"}``.
@@ -378,13 +432,15 @@ class Trainer:
         try:
             with self._fit_session():
                 self.model.train()
-                while self.step < self.total_steps and self._stop_signal is None:
+                while self.step < self.total_steps and not self._stopped_by_signal:
                     self.run_step()
                     self.after_step()
-                if self._stop_signal is not None:
-                    status = f"interrupted by signal {self._stop_signal}"
-                    logger.warning("%s: checkpoint saved at step %d in %s", status, self.step,
-                                   self.out)
+                if self._stopped_by_signal and self.step < self.total_steps:
+                    status = (f"interrupted by signal {self._stop_signal}"
+                              if self._stop_signal is not None
+                              else "interrupted by a signal to another process")
+                    logger.warning("%s: stopped after step %d, checkpoint saved in %s", status,
+                                   self.step, self.out)
         except BaseException:
             self._forget_unsaved_fresh_run()
             raise
