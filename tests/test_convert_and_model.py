@@ -74,7 +74,7 @@ def test_no_gradient_reaches_teacher():
 
 def test_ema_pairs_by_name_not_by_order():
     model = _tiny_model()
-    assert not any(n.startswith("predictor") for n in model._ema_names)
+    assert not any(n.startswith("predictor") for n in model._ema.names)
     # reverse the registration order of the teacher's submodules: zip order would now pair
     # the encoder with the projector, pairing by name must not care
     model.teacher._modules = OrderedDict(reversed(list(model.teacher._modules.items())))
