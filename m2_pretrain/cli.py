@@ -85,7 +85,10 @@ def _evaluate(args) -> int:
         extra["split_file"] = str(args.split)
     path = write_results(out, args.command, numbers, args.weights, cfg.to_dict(), extra,
                          overwrite=args.force)
-    print(f"{args.command}: top-1 {numbers['top1']:.2f}  top-5 {numbers['top5']:.2f}  -> {path}")
+    subset = (f"  (kNN on {numbers['train_images']} of {numbers['train_subsampled_from']} "
+              "training images: knn.max_train)" if "train_subsampled_from" in numbers else "")
+    print(f"{args.command}: top-1 {numbers['top1']:.2f}  top-5 {numbers['top5']:.2f}{subset}  "
+          f"-> {path}")
     return 0
 
 

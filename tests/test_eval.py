@@ -184,3 +184,28 @@ def test_cli_knn_writes_results_json(tmp_path, supervised_encoder):
     r = subprocess.run([sys.executable, "-m", "m2_pretrain.cli", "linear", "--weights",
                         str(tmp_path / "nope.pth")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and r.stderr.strip() == f"error: weights file not found: {tmp_path / 'nope.pth'}"
+
+
+def test_knn_uses_the_whole_training_split_unless_subsampled_and_says_so(tmp_path,
+                                                                         supervised_encoder):
+    from m2_pretrain.eval.knn import knn_eval_encoder
+
+    cfg = load_config(None, ["data.num_images=120", "data.workers=0", "data.res=32",
+                             "knn.k=5", "data.knn_train_split=train",
+                             "data.knn_test_split=test"])
+    assert cfg.knn.max_train == 0
+    full = knn_eval_encoder(supervised_encoder, cfg.data, cfg.knn, torch.device("cpu"))
+    assert full["train_images"] == 120 and "train_subsampled_from" not in full
+    cfg.knn.max_train = 50
+    part = knn_eval_encoder(supervised_encoder, cfg.data, cfg.knn, torch.device("cpu"))
+    assert part["train_images"] == 50 and part["train_subsampled_from"] == 120
+    w = save_encoder(supervised_encoder, tmp_path / "enc.pth")
+    r = subprocess.run([sys.executable, "-m", "m2_pretrain.cli", "knn", "--weights", str(w),
+                        "--output-dir", str(tmp_path / "knn"), "--no-progress",
+                        "data.num_images=120", "data.workers=0", "data.res=32", "knn.k=5",
+                        "knn.max_train=50", "train.device=cpu", "data.knn_train_split=train",
+                        "data.knn_test_split=test"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(kNN on 50 of 120 training images: knn.max_train)" in r.stdout
+    res = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert res["results"]["train_subsampled_from"] == 120

@@ -90,8 +90,9 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
                      test_split: Optional[str] = None, batch_size: int = 256,
                      progress: bool = False) -> dict[str, float]:
     """kNN top-1/top-5 of ``encoder`` (eval mode) on ``data_cfg``'s kNN splits (or the given
-    ones). The training split is subsampled to ``knn_cfg.max_train`` images (fixed seed).
-    Labels of both splits are numbered by the training split's class list.
+    ones), on the whole training split, or a fixed random subset of ``knn_cfg.max_train``
+    images when that is > 0 (``train_subsampled_from`` in the result then gives the split's
+    size). Labels of both splits are numbered by the training split's class list.
     """
     from ..data.augment import Normalizer, eval_transform
     from ..data.datasets import build_dataset
@@ -105,7 +106,8 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
     train = build_dataset(data_cfg, train_split, tf)
     test = build_dataset(data_cfg, test_split, tf, classes=split_classes(train))
     classes = class_coverage(train, test)
-    if len(train) > knn_cfg.max_train:
+    full = len(train)
+    if 0 < knn_cfg.max_train < full:
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(train), generator=g)[: knn_cfg.max_train].tolist()
         train = torch.utils.data.Subset(train, idx)
@@ -119,6 +121,8 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
     out = knn_accuracy(ftr, ltr, fte, lte, num_classes=classes["num_classes"], k=knn_cfg.k,
                        temperature=knn_cfg.temperature)
     out.update({"train_images": len(train), "val_images": len(test), **classes})
+    if len(train) < full:
+        out["train_subsampled_from"] = full
     return out
 
 
