@@ -31,12 +31,20 @@ github_reachable() {
   timeout "${M2_D2_PROBE_TIMEOUT:-20}" git ls-remote --exit-code "$D2_REPO" HEAD >/dev/null 2>&1
 }
 
+# A source build runs setup.py in this environment (it imports torch), so it needs setuptools,
+# which venvs of Python 3.12+ no longer bring: when none is there, the version that
+# requirements/detectron2-upstream.txt pins.
+need_setuptools() {
+  "$PY" -c 'import setuptools' 2>/dev/null || "$PIP" install "setuptools==79.0.1"
+}
+
 case "$SOURCE" in
   auto|github|pypi) ;;
   *)
     [[ -e "$SOURCE" ]] || { echo "[install_detectron2] M2_D2_SOURCE=$SOURCE: expected auto," \
       "github, pypi or a Detectron2 source tree or .tar.gz" >&2; exit 2; }
     echo "[install_detectron2] building detectron2 from $SOURCE"
+    need_setuptools
     "$PIP" install --no-build-isolation "$(realpath "$SOURCE")"
     "$PY" -c "import detectron2; print('[install_detectron2] installed detectron2', detectron2.__version__)"
     exit 0 ;;
@@ -44,6 +52,7 @@ esac
 
 if [[ "$SOURCE" == github || ( "$SOURCE" == auto && $(github_reachable && echo yes || echo no) == yes ) ]]; then
   echo "[install_detectron2] building upstream detectron2 @ $D2_COMMIT from GitHub"
+  need_setuptools
   "$PIP" install --no-build-isolation "git+$D2_REPO@$D2_COMMIT"
   exit 0
 fi
