@@ -22,11 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The Detectron2-facing tests against Detectron2 built from a source tree or .tar.gz, in a
-# scratch venv outside the repository (${M2_SCRATCH:-/tmp}/m2-d2-upstream/<hash>), built once.
+# The whole suite in the modern environment: Python 3.12, numpy 2 and Detectron2 built from a
+# source tree or .tar.gz, in a scratch venv outside the repository
+# (${M2_SCRATCH:-/tmp}/m2-d2-upstream/<hash>), built once. TESTS: pytest arguments (default tests).
+TESTS ?=
 test-d2-upstream:
 	@test -n "$(D2_SRC)" || { echo "usage: make test-d2-upstream D2_SRC=<detectron2 source tree or .tar.gz>" >&2; exit 2; }
-	bash scripts/test_d2_upstream.sh "$(D2_SRC)"
+	bash scripts/test_d2_upstream.sh "$(D2_SRC)" $(TESTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output

@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# Run the Detectron2-facing tests against a Detectron2 built from source.
+# The modern environment: the whole test suite on Python 3.12, numpy 2 and Detectron2 built
+# from its source (with its C++ ops).
 #
 # Usage: scripts/test_d2_upstream.sh <detectron2 source tree or .tar.gz> [pytest args...]
+#   (pytest args replace the default `tests`, e.g. one file)
 #
-# The source is built once, with its C++ ops, into a scratch venv outside the repository:
+# The source is built once into a scratch venv outside the repository:
 # $M2_SCRATCH/m2-d2-upstream/<key>/venv (M2_SCRATCH defaults to /tmp), where <key> hashes the
 # source, the Python version and the torch/torchvision pins. The venv holds requirements/base.txt
-# (the same pinned torch as .venv) and requirements/detectron2-upstream.txt, re-synced on every
-# run (a no-op when nothing changed); the repository is put on PYTHONPATH, nothing is installed
-# into it or into .venv. MAX_JOBS caps the compile jobs (default: the number of CPUs).
+# (the same pinned torch as .venv) and requirements/detectron2-upstream.txt (numpy 2), re-synced
+# on every run (a no-op when nothing changed); the repository is put on PYTHONPATH, nothing is
+# installed into it or into .venv. PYTHON picks the interpreter (default: python3.12 on PATH,
+# else pyenv's newest 3.12). MAX_JOBS caps the compile jobs (default: the number of CPUs).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-python3.11}
+if [[ -z "${PYTHON:-}" ]]; then
+  pyenv_312=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null \
+    | sort -V | tail -1 || true)
+  for cand in python3.12 $pyenv_312; do
+    if "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      PYTHON=$cand
+      break
+    fi
+  done
+  [[ -n "${PYTHON:-}" ]] || { echo "no Python 3.12 found: set PYTHON=<python3.12>" >&2; exit 2; }
+fi
 SRC=${1:?usage: scripts/test_d2_upstream.sh <detectron2 source tree or .tar.gz> [pytest args...]}
 shift
 [[ -e "$SRC" ]] || { echo "D2_SRC=$SRC does not exist" >&2; exit 2; }
 SRC=$(realpath "$SRC")
 cd "$HERE"
 REQS=("$HERE/requirements/base.txt" "$HERE/requirements/detectron2-upstream.txt")
-# converter, plugin (configs, train_net), FCOS, setup checks, safety
-TESTS=(tests/test_convert_d2.py tests/test_d2_*.py)
+TESTS=(tests)
+if [[ $# -gt 0 ]]; then
+  TESTS=()
+fi
 
 if [[ -f "$SRC" ]]; then
   [[ "$SRC" == *.tar.gz || "$SRC" == *.tgz ]] \
@@ -79,6 +94,9 @@ else
 fi
 "$VENV/bin/python" -m pip check  # detectron2's own requirements hold with the pins
 flock -u 9
+echo "[test-d2-upstream] $("$VENV/bin/python" -c 'import sys, numpy, torch, detectron2
+print("Python", sys.version.split()[0], "torch", torch.__version__, "numpy", numpy.__version__,
+      "detectron2", detectron2.__version__)')"
 
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   "${TESTS[@]}" "$@"
