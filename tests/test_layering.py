@@ -152,7 +152,8 @@ def test_the_cycle_check_sees_a_cycle():
 
 
 def test_loading_a_config_imports_no_builder():
-    """``load_config`` stays at the bottom floor: no model, dataset, layer or timm module."""
+    """``load_config`` stays at the bottom floor: no model, dataset or layer module, no timm
+    (torch itself comes with ``import m2_pretrain``, whose version check imports it)."""
     code = ("import sys\nfrom m2_pretrain.config import load_config\nload_config(None)\n"
             "print('\\n'.join(sorted(sys.modules)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -161,4 +162,3 @@ def test_loading_a_config_imports_no_builder():
     assert not {m for m in loaded if m.startswith(("timm", "torchvision"))}
     assert not {m for m in loaded if m.startswith("m2_pretrain.") and m not in
                 ("m2_pretrain.config",)}, sorted(m for m in loaded if m.startswith("m2_pretrain"))
-    assert len(loaded) < 400, len(loaded)
