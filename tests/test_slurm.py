@@ -232,13 +232,24 @@ class Job:
         batch job by about two minutes; an administrator's `StartTime=now` lifts that)."""
         self.wait_for(lambda: self.field("JobState") == "PENDING"
                       and self.field("Restarts") == "1", "the requeue")
+        # Not at once: slurmd revokes the first run's credential with one-second timestamps, and
+        # a restart within the same second is refused ("Killing non-startable batch JobId=N:
+        # Job credential revoked"); SLURM's own delay covers this, 3 s do too.
+        time.sleep(3)
         subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"],
                        env=self.slurm.env, check=True, timeout=30)
 
     def finished(self) -> None:
         self.wait_for(lambda: self.field("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
                       "the end of the job")
-        assert self.field("JobState") == "COMPLETED", self.text()[-3000:]
+        if self.field("JobState") != "COMPLETED":
+            show = subprocess.run(["scontrol", "show", "job", self.id], env=self.slurm.env,
+                                  capture_output=True, text=True, timeout=30).stdout
+            daemons = "".join(f"\n--- {name} (tail)\n" + "\n".join(
+                (self.slurm.root / name).read_text(errors="replace").splitlines()[-40:])
+                for name in ("slurmctld.log", "slurmd.log") if (self.slurm.root / name).exists())
+            pytest.fail(f"job {self.id} ended {self.field('JobState')}\n{show}\n--- job log "
+                        f"(tail)\n{self.text()[-3000:]}{daemons}")
 
 
 def _final_state(run: Path, steps: int) -> dict:
