@@ -322,8 +322,9 @@ def _pid_of_task(job_id: str, procid: int) -> int:
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_after_the_same_step(slurm, tmp_path):
     """(c) SIGTERM to task 1's process only: both tasks stop after the same step, with one
-    checkpoint, and exit with the requeue status (no hang)."""
-    steps = 60
+    checkpoint, and exit with the requeue status (no hang). The run is long (it stops at the
+    signal): 60 steps could all be done before the signal landed on an idle machine."""
+    steps = 1000
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY.replace("STEPS", str(steps)))
     job = Job(slurm, "pretrain.sbatch", tmp_path / "job.log",
