@@ -46,15 +46,14 @@ def _export(args) -> int:
 def _evaluate(args) -> int:
     import torch
 
-    from .engine.distributed import resolve_device
     from .eval import protocols
     from .eval.common import load_encoder, read_split_file, results_path, write_results
+    from .eval.distributed import eval_context
     from .models.encoder import check_encoder_input
 
     cfg = load_config(args.config, args.overrides)
     out = args.output_dir or f"output/{args.command}"
     results_path(out, overwrite=args.force)  # before anything is evaluated
-    device = resolve_device(cfg.train.device)
     encoder, meta = load_encoder(args.weights, args.arch)
     if cfg.model.arch != meta["arch"]:  # the config's default or a copy from pretraining
         logging.getLogger("m2_pretrain").info(
@@ -68,27 +67,41 @@ def _evaluate(args) -> int:
         key = "eval.res" if cfg.eval.res else "data.res"
         raise ConfigError(f"config key '{key}' ({res}) does not fit timm '{meta['arch']}': "
                           f"{one_line(e)}") from None
-    torch.manual_seed(cfg.train.seed)
-    extra = {"encoder_meta": meta}
-    if args.command == "linear":
-        numbers = protocols.linear_probe(encoder, cfg, device, progress=not args.no_progress)
-        print("linear probe on " + ("precomputed features (no train-time augmentation)"
-                                    if numbers["features_precomputed"] else "augmented images"))
-    elif args.command == "knn":
-        numbers = protocols.knn_eval(encoder, cfg, device, progress=not args.no_progress)
-    else:
+    indices = None
+    if args.command == "semi":  # a bad split file fails before the processes meet
         from .data.datasets import build_dataset
 
         train_split = cfg.data.knn_train_split or "train"
         indices = read_split_file(args.split, build_dataset(cfg.data, train_split))
-        numbers = protocols.semi_finetune(encoder, cfg, indices, device, progress=not args.no_progress)
-        extra["split_file"] = str(args.split)
-    path = write_results(out, args.command, numbers, args.weights, cfg.to_dict(), extra,
-                         overwrite=args.force)
+    ctx = eval_context(cfg)  # joins the other processes under torchrun / srun
+    try:
+        if not ctx.is_main:  # one process reports
+            logging.getLogger().setLevel(logging.WARNING)
+        torch.manual_seed(cfg.train.seed)  # the same head on every process
+        progress = not args.no_progress and ctx.is_main
+        extra = {"encoder_meta": meta, "world_size": ctx.world_size}
+        if args.command == "linear":
+            numbers = protocols.linear_probe(encoder, cfg, ctx.device, progress, ctx)
+        elif args.command == "knn":
+            numbers = protocols.knn_eval(encoder, cfg, ctx.device, progress, ctx)
+        else:
+            numbers = protocols.semi_finetune(encoder, cfg, indices, ctx.device, progress, ctx)
+            extra["split_file"] = str(args.split)
+        if not ctx.is_main:
+            return 0
+        if args.command == "linear":
+            print("linear probe on " + ("precomputed features (no train-time augmentation)"
+                                        if numbers["features_precomputed"] else "augmented images"))
+        path = write_results(out, args.command, numbers, args.weights, cfg.to_dict(), extra,
+                             overwrite=args.force)
+    finally:
+        ctx.close()
     subset = (f"  (kNN on {numbers['train_images']} of {numbers['train_subsampled_from']} "
               "training images: knn.max_train)" if "train_subsampled_from" in numbers else "")
-    print(f"{args.command}: top-1 {numbers['top1']:.2f}  top-5 {numbers['top5']:.2f}{subset}  "
-          f"-> {path}")
+    procs = (f"  ({ctx.world_size} processes, {ctx.precision})" if ctx.world_size > 1
+             else f"  ({ctx.precision})")
+    print(f"{args.command}: top-1 {numbers['top1']:.2f}  top-5 {numbers['top5']:.2f}{subset}"
+          f"{procs}  -> {path}")
     return 0
 
 

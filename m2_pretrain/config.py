@@ -165,7 +165,7 @@ class KnnConfig:
 @dataclass
 class EvalConfig:
     res: int = 0  # evaluation crop size; 0 = data.res
-    batch_size: int = 256
+    batch_size: int = 256  # the global batch of the linear probe, over all processes
     # linear probe: frozen encoder -> BN (no affine) -> linear; SGD 0.9, no wd, cosine
     linear_epochs: float = 80.0
     linear_lr: float = 0.5  # per 256 images (0.5 STL10, 0.2 ImageNet)
@@ -173,7 +173,10 @@ class EvalConfig:
     # semi-supervised fine-tuning of the whole encoder + linear head
     semi_epochs: float = 20.0  # 20 for a 1% split, 15 for 10%
     semi_lr: float = 0.08  # at semi_batch_size (cosine)
-    semi_batch_size: int = 1024
+    semi_batch_size: int = 1024  # the global batch, over all processes
+    # BN statistics of the global batch (all processes) during fine-tuning and the recount;
+    # false: each process's own batch (statistics averaged over processes after the recount)
+    semi_global_bn: bool = True
     val_split: str = ""  # labelled split to report on; empty = data.knn_test_split
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -262,5 +263,7 @@ def wrap_ddp(model: nn.Module, info: DistInfo,
     (no buffer broadcast), as in the paper; ``sync`` norms are SyncBatchNorm layers already."""
     if info.world_size <= 1:
         return None
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[info.device_index] if cuda else None, broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch >= 2.14 names a successor that is not there yet
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated")
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device_index] if cuda else None, broadcast_buffers=False)

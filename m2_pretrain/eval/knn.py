@@ -88,16 +88,24 @@ def knn_accuracy(
 def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device,
                      encoder_res: Optional[int] = None, train_split: Optional[str] = None,
                      test_split: Optional[str] = None, batch_size: int = 256,
-                     progress: bool = False) -> dict[str, float]:
+                     progress: bool = False, ctx=None) -> dict:
     """kNN top-1/top-5 of ``encoder`` (eval mode) on ``data_cfg``'s kNN splits (or the given
     ones), on the whole training split, or a fixed random subset of ``knn_cfg.max_train``
     images when that is > 0 (``train_subsampled_from`` in the result then gives the split's
     size). Labels of both splits are numbered by the training split's class list.
+
+    With an :class:`~m2_pretrain.eval.distributed.EvalContext` ``ctx`` of several processes,
+    each process extracts the features of its shard of both splits; the test features are
+    gathered, and each process's top k of its training shard are merged into the top k of the
+    whole split (:func:`~m2_pretrain.eval.distributed.knn_scores_sharded`). Every process
+    returns the same numbers. Without ``ctx``: one process on ``device``, fp32.
     """
     from ..data.augment import Normalizer, eval_transform
     from ..data.datasets import build_dataset
-    from .common import check_finite, class_coverage, split_classes
+    from .common import EvalInputError, class_coverage, split_classes
+    from .distributed import EvalContext, knn_scores_sharded, sharded_features
 
+    ctx = ctx or EvalContext.single(device)
     train_split = train_split or data_cfg.knn_train_split
     test_split = test_split or data_cfg.knn_test_split or train_split
     if not train_split:
@@ -111,16 +119,31 @@ def knn_eval_encoder(encoder: nn.Module, data_cfg, knn_cfg, device: torch.device
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(train), generator=g)[: knn_cfg.max_train].tolist()
         train = torch.utils.data.Subset(train, idx)
-    norm = Normalizer(data_cfg.mean, data_cfg.std).to(device)
-    encoder = encoder.to(device)
-    ftr, ltr = extract_features(encoder, train, norm, device, batch_size, data_cfg.workers, progress)
-    fte, lte = extract_features(encoder, test, norm, device, batch_size, data_cfg.workers, progress)
-    check_finite("kNN", [(f"features of the {train_split} split", ftr),
-                         (f"features of the {test_split} split", fte)],
-                 "the encoder's weights or statistics are broken")
-    out = knn_accuracy(ftr, ltr, fte, lte, num_classes=classes["num_classes"], k=knn_cfg.k,
-                       temperature=knn_cfg.temperature)
-    out.update({"train_images": len(train), "val_images": len(test), **classes})
+    ctx.check_shardable(f"the kNN training split '{train_split}'", len(train))
+    ctx.check_shardable(f"the evaluated split '{test_split}'", len(test))
+    norm = Normalizer(data_cfg.mean, data_cfg.std).to(ctx.device)
+    encoder = encoder.to(ctx.device)
+    if ctx.memory_format == torch.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    ftr, ltr, _ = sharded_features(encoder, train, norm, ctx, batch_size, data_cfg.workers,
+                                   progress, desc=f"features {train_split}")
+    fte, lte, ite = sharded_features(encoder, test, norm, ctx, batch_size, data_cfg.workers,
+                                     progress, desc=f"features {test_split}")
+    for split, f in ((train_split, ftr), (test_split, fte)):
+        # summed over the processes: every process stops, not only the one that saw it
+        if ctx.all_reduce_sum(torch.tensor([int(not bool(torch.isfinite(f).all()))])).item():
+            raise EvalInputError(f"kNN: features of the {split} split hold NaN or inf values; "
+                                 "no result is reported (the encoder's weights or statistics "
+                                 "are broken)")
+    fte = ctx.gather_ordered(fte, ite, len(test))
+    lte = ctx.gather_ordered(lte, ite, len(test))
+    scores = knn_scores_sharded(ftr, ltr, fte, classes["num_classes"], knn_cfg.k,
+                                knn_cfg.temperature, ctx, n_train=len(train))
+    top = scores.topk(min(5, classes["num_classes"]), dim=1).indices
+    correct = top == lte.unsqueeze(1)
+    out = {"top1": 100.0 * correct[:, 0].double().mean().item(),
+           "top5": 100.0 * correct.any(1).double().mean().item(),
+           "train_images": len(train), "val_images": len(test), **classes}
     if len(train) < full:
         out["train_subsampled_from"] = full
     return out
