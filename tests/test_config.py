@@ -204,3 +204,29 @@ def test_list_fields_have_element_types():
         load_config(None, ["data.std=[0.2,x,0.2]"])
 
 
+
+
+EVAL_PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "eval").glob("*.yaml"))
+
+
+def test_evaluation_presets_hold_the_documented_protocols():
+    """The shipped evaluation presets carry the values docs/evaluation.md gives (paper: STL10
+    linear lr 0.5 per 256 for 80 epochs; ImageNet linear lr 0.2; semi batch 1024, lr 0.08,
+    20 / 15 epochs), kNN over the whole training split, and the page names every preset."""
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "evaluation.md").read_text()
+    assert len(EVAL_PRESETS) == 4
+    for path in EVAL_PRESETS:
+        cfg = load_config(path)
+        assert (cfg.knn.max_train, cfg.knn.k, cfg.knn.temperature) == (0, 200, 0.1), path
+        assert f"configs/eval/{path.name}" in doc, path
+    imagenet = load_config(repo / "configs/eval/imagenet_r50.yaml")
+    e = imagenet.eval
+    assert (imagenet.data.res, e.linear_lr, e.batch_size, e.linear_epochs) == (224, 0.2, 256, 80)
+    assert (e.semi_batch_size, e.semi_lr, e.semi_epochs, e.semi_global_bn) == (1024, 0.08, 20,
+                                                                               True)
+    assert load_config(repo / "configs/eval/imagenet_r50_semi_10percent.yaml").eval.semi_epochs == 15
+    stl = load_config(repo / "configs/eval/stl10_r18.yaml")
+    assert (stl.data.res, stl.eval.linear_lr, stl.eval.linear_epochs) == (96, 0.5, 80)
+    assert stl.eval.linear_augment and not load_config(
+        repo / "configs/eval/fashion_mnist.yaml").eval.linear_augment

@@ -209,3 +209,25 @@ def test_knn_uses_the_whole_training_split_unless_subsampled_and_says_so(tmp_pat
     assert "(kNN on 50 of 120 training images: knn.max_train)" in r.stdout
     res = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert res["results"]["train_subsampled_from"] == 120
+
+
+def test_knn_with_bf16_features_on_cpu_stays_within_two_points_of_fp32(supervised_encoder):
+    """``train.amp_cpu`` runs the encoder under bf16 autocast on CPU (opt-in; on CUDA it is the
+    default): the features change (bf16 has 8 bits of mantissa) but the similarities and
+    counts stay fp32, and kNN top-1 moves by at most 2 points (2 of the 100 test images)."""
+    from m2_pretrain.eval.distributed import eval_context, sharded_features
+
+    fp32_cfg, bf16_cfg = eval_cfg(), eval_cfg(**{"train.amp_cpu": "true"})
+    fp32_ctx, bf16_ctx = eval_context(fp32_cfg), eval_context(bf16_cfg)
+    assert (fp32_ctx.precision, bf16_ctx.precision) == ("fp32", "bf16")
+    ds = build_dataset(fp32_cfg.data, "test", protocols.eval_transform(32))
+    norm = Normalizer(fp32_cfg.data.mean, fp32_cfg.data.std)
+    f32 = sharded_features(supervised_encoder, ds, norm, fp32_ctx, 50)[0]
+    f16 = sharded_features(supervised_encoder, ds, norm, bf16_ctx, 50)[0]
+    assert f16.dtype == torch.float32
+    cos = (f32 * f16).sum(1)
+    assert 0 < (f32 - f16).abs().max() and cos.min() > 0.99, cos.min()
+    a = protocols.knn_eval(supervised_encoder, fp32_cfg, torch.device("cpu"), False, fp32_ctx)
+    b = protocols.knn_eval(supervised_encoder, bf16_cfg, torch.device("cpu"), False, bf16_ctx)
+    assert (a["precision"], b["precision"]) == ("fp32", "bf16")
+    assert a["top1"] > 30 and abs(a["top1"] - b["top1"]) <= 2.0, (a, b)

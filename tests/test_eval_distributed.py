@@ -133,14 +133,17 @@ def test_every_validation_image_counts_exactly_once(tmp_path, nproc):
 def test_global_batch_norm_matches_batch_norm_on_the_whole_batch(tmp_path):
     """Outputs, input gradients, summed weight gradients and running statistics (momentum
     None) of 2 processes' shares against nn.BatchNorm2d on the whole batch; the last batch has
-    one image, so process 1 holds none of it."""
+    one image, so process 1 holds none of it. One channel has mean 100 and spread 0.1, where
+    the one-pass variance E[x^2] - E[x]^2 in fp32 is 28 % off on these numbers; the tolerances
+    are the rounding of values near 100 (1e-5) divided by that spread."""
     for r, rec in enumerate(run_worker(tmp_path, ["bn", "-"], nproc=2)):
-        for k in ("out", "grad_x"):
-            for got, want in zip(rec[k], rec["ref_" + k]):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for got, want in zip(rec["out"], rec["ref_out"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for got, want in zip(rec["grad_x"], rec["ref_grad_x"]):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
         assert rec["out"][2].shape[0] == (1 if r == 0 else 0)
-        torch.testing.assert_close(rec["weight_grads"], rec["ref_weight_grads"], rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(rec["weight_grads"], rec["ref_weight_grads"], rtol=1e-3,
+                                   atol=1e-3)
         for k, v in rec["ref_stats"].items():
             torch.testing.assert_close(rec["stats"][k], v, rtol=1e-5, atol=1e-6)
         assert int(rec["stats"]["num_batches_tracked"]) == 3

@@ -234,10 +234,10 @@ class SeededViews(Dataset):
 class GlobalBatchNorm(_BatchNorm):
     """Batch normalisation whose training-mode statistics cover the whole global batch.
 
-    Each process sums its inputs and their squares per channel (in fp32); one autograd-aware
-    all-reduce of those sums and the count gives the global mean and variance, so the output,
-    its gradient and the running statistics are those of one process holding the whole batch
-    (a process may hold no image of a batch). One process, or eval mode: torch's batch norm.
+    Each process sums its inputs per channel (in fp32) and the count; an autograd-aware
+    all-reduce gives the global mean, and a second one the summed squared deviations from it
+    (the variance), so the output, its gradient and the running statistics are those of one
+    process holding the whole batch (a process may hold no image of a batch). One process, or eval mode: torch's batch norm.
     The state_dict is that of ``nn.BatchNorm*d``; momentum ``None`` keeps a cumulative average,
     as torch's does.
     """
@@ -258,15 +258,16 @@ class GlobalBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         c = self.num_features
         dims = [0, *range(2, x.dim())]
+        shape = [1, c] + [1] * (x.dim() - 2)
         xf = x.float()
+        # two passes (mean, then squared deviations from it): E[x^2] - E[x]^2 in fp32 loses
+        # the variance of channels whose mean is large against their spread
         count = xf.new_full((1,), float(x.numel() // max(x.shape[1], 1)))
-        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        comm_cuda = dist.get_backend(self.group) == "nccl"
-        total = _AllReduceSum.apply(local if comm_cuda else local.cpu(), self.group)
-        total = total.to(x.device)
+        total = self._sum(torch.cat([xf.sum(dims), count]))
         n = total[-1]
         mean = total[:c] / n
-        var = (total[c: 2 * c] / n - mean * mean).clamp_min(0)
+        centred = xf - mean.view(shape)
+        var = self._sum((centred * centred).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -275,11 +276,15 @@ class GlobalBatchNorm(_BatchNorm):
                 unbiased = var * (n / (n - 1).clamp_min(1))
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), f)
                 self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), f)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the group's processes, differentiably, on ``t``'s device."""
+        on_cuda = dist.get_backend(self.group) == "nccl"
+        return _AllReduceSum.apply(t if on_cuda else t.cpu(), self.group).to(t.device)
 
 
 class _AllReduceSum(torch.autograd.Function):
