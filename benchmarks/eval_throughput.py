@@ -94,7 +94,15 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     cl = args.channels_last or device.type == "cuda"
-    rows = []
+    name = f"{device.type}{'' if device.index is None else device.index}"
+    meta = {"date": dt.date.today().isoformat(), "device": (torch.cuda.get_device_name(device)
+                                                            if device.type == "cuda"
+                                                            else platform.processor() or "cpu"),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "command": " ".join(sys.argv), "rows": []}
+    out = Path(args.out or Path(__file__).parent / "results" / f"eval_throughput_{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = meta["rows"]
     for arch in args.archs.split(","):
         for prec in args.precisions.split(","):
             row = measure(arch, args.res, prec, device, args.batch, args.seconds, cl)
@@ -106,15 +114,7 @@ def main() -> None:
                   f"{row['images_per_s']:9.1f} images/s  (ImageNet train features: "
                   f"{row['hours']['imagenet_train']:.2f} h on this device, "
                   f"{row['feature_gib']['imagenet_train']:.1f} GiB fp32)", flush=True)
-    name = f"{device.type}{'' if device.index is None else device.index}"
-    meta = {"date": dt.date.today().isoformat(), "device": (torch.cuda.get_device_name(device)
-                                                            if device.type == "cuda"
-                                                            else platform.processor() or "cpu"),
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
-    out = Path(args.out or Path(__file__).parent / "results" / f"eval_throughput_{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(meta, indent=2))
+            out.write_text(json.dumps(meta, indent=2))  # after every row: a cap keeps them
     print(f"-> {out}")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check (make gpu-check): the CUDA tests, then benchmarks/speed.py eager at
-# ResNet-50 224 px 128/view and ResNet-18 96 px 256/view, --real at both, and --compile at
+# ResNet-50 224 px 128/view and ResNet-18 96 px 256/view, --real at both, the evaluation's
+# feature extraction (benchmarks/eval_throughput.py, fp32 and bf16) and --compile at
 # ResNet-18 (the byol_bn and m2 arms). Each step runs under `timeout` with the cap declared in
 # CAPS below; the caps add up to the budget (default 540 s) less a margin, and scale with
 # --budget, so the whole run fits by construction. Each step writes JSON (speed.py after every
@@ -33,7 +34,8 @@ case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget must be whole second
 
 # Step caps in seconds at the default budget, in run order; MARGIN is left for the start, the
 # table and the time `timeout --kill-after` may add. Scaled by BUDGET / 540.
-CAPS=(setup:45 cuda_tests:90 eager_r50:70 eager_r18:40 real_r18:60 real_r50:90 compile_r18:90)
+CAPS=(setup:40 cuda_tests:80 eager_r50:65 eager_r18:40 real_r18:55 real_r50:85 eval_features:40
+      compile_r18:80)
 MARGIN=55
 declare -A CAP
 total=0
@@ -112,6 +114,8 @@ step real_r18 "${SPEED[@]}" "${R18[@]}" --real stl10 --real-steps 30 --workers "
   --repeats 3 --json "$OUT/real_r18.json"
 step real_r50 "${SPEED[@]}" "${R50[@]}" --real imagefolder --real-steps 20 --workers "$WORKERS" \
   --repeats 3 --json "$OUT/real_r50.json"
+step eval_features "$PY" benchmarks/eval_throughput.py --device cuda --batch 256 --seconds 5 \
+  --out "$OUT/eval_features.json"
 step compile_r18 "${SPEED[@]}" "${R18[@]}" --compile --arms byol_bn,m2 --repeats 3 \
   --json "$OUT/compile_r18.json"
 

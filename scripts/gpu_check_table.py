@@ -3,7 +3,7 @@
     python scripts/gpu_check_table.py benchmarks/results/gpu_check_<date>
 
 Reads the step JSONs (``eager_r50.json``, ``eager_r18.json``, ``real_r18.json``,
-``real_r50.json``, ``compile_r18.json``) and ``steps.tsv``. A value missing from its JSON shows
+``real_r50.json``, ``compile_r18.json``, ``eval_features.json``) and ``steps.tsv``. A value missing from its JSON shows
 as "timed out" when its step ran out of time (exit 124 or 137), "failed (exit N)" when it
 failed, "not run" when it never started (skipped, or absent from ``steps.tsv``); a value from a
 step that timed out after writing it is marked "partial". Markdown on stdout; exit status 0.
@@ -80,6 +80,17 @@ def not_measured(status: str) -> str:
     return "not run" if status in ("not run", "skipped", "dry-run") else "no value"
 
 
+def eval_rows(folder: Path, status: str) -> list[str]:
+    """Rows of the evaluation's feature-extraction rates (information, no target)."""
+    path = folder / "eval_features.json"
+    rows = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    if not rows:
+        return [f"| eval | feature extraction | images/s | - | | {not_measured(status)} |"]
+    partial = " (partial: timed out)" if status in TIMED_OUT else ""
+    return [f"| eval | {r['arch']} {r['res']} px {r['precision']} batch {r['batch']} | images/s "
+            f"| {r['images_per_s']:.1f} | |{partial} |" for r in rows]
+
+
 def table(folder: Path) -> str:
     steps = read_steps(folder)
     lines = []
@@ -106,6 +117,7 @@ def table(folder: Path) -> str:
                 verdict = f"{verdict} (partial: timed out)".strip()
         tgt = "" if cmp == "info" else f"{cmp} {target}"
         lines.append(f"| {kind} | {SHAPES[shape]} | {metric} | {shown} | {tgt} | {verdict} |")
+    lines += eval_rows(folder, steps.get("eval_features", ("not run", "0"))[0])
     total = sum(int(s) for _, s in steps.values() if s.isdigit())
     lines.append("")
     lines.append(f"steps: {', '.join(f'{k} {v[0]} ({v[1]} s)' for k, v in steps.items())}; "

@@ -14,7 +14,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import gpu_check_table  # noqa: E402
 
-STEPS = ["setup", "cuda_tests", "eager_r50", "eager_r18", "real_r18", "real_r50", "compile_r18"]
+STEPS = ["setup", "cuda_tests", "eager_r50", "eager_r18", "real_r18", "real_r50", "eval_features",
+         "compile_r18"]
 
 
 def _speed_json(m2, byol, ceiling, ref, mem_m2=10.0, mem_byol=10.0):
@@ -53,6 +54,13 @@ def test_table_against_targets(tmp_path):
     assert "| 0.970 | >= 0.95 | ok |" in rows[("real", r18, "images/s / (m2 step + augmentation)")]
     assert rows[("real", r50, "data wait share")].endswith("| - | < 0.05 | timed out |")
     assert "| failed (exit 1) |" in rows[("compile", r18, "m2/byol_bn")]
+    assert rows[("eval", "feature extraction", "images/s")].endswith("| not run |")
+    (tmp_path / "eval_features.json").write_text(json.dumps({"rows": [
+        {"arch": "resnet50", "res": 224, "precision": "bf16", "batch": 256,
+         "images_per_s": 2950.04}]}))
+    (tmp_path / "steps.tsv").write_text("eval_features\t124\t40\n")
+    out = gpu_check_table.table(tmp_path)
+    assert "| eval | resnet50 224 px bf16 batch 256 | images/s | 2950.0 | | (partial: timed out) |" in out
     (tmp_path / "steps.tsv").write_text("eager_r50\t124\t70\n")  # arms written before the cap
     out = gpu_check_table.table(tmp_path)
     rows = {tuple(c.strip() for c in line.split("|")[1:4]): line
@@ -92,6 +100,7 @@ def test_script_dry_run_and_argument_errors(tmp_path):
     assert "--arch resnet50 --res 224 --batch 128" in r.stdout
     assert "--arch resnet18 --res 96 --batch 256 --compile --arms byol_bn,m2" in r.stdout
     assert "tests/test_gpu_like.py" in r.stdout and "| compile |" in r.stdout
+    assert "benchmarks/eval_throughput.py --device cuda" in r.stdout
     again = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out)],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "not empty" in again.stderr
