@@ -108,7 +108,7 @@ def test_cli_reports_a_bad_slurm_environment_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("template", ["pretrain.sbatch", "detectron2.sbatch"])
+@pytest.mark.parametrize("template", ["pretrain.sbatch", "detectron2.sbatch", "evaluate.sbatch"])
 def test_templates_refuse_to_run_outside_slurm(template):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     r = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / template)], env=env,
@@ -368,3 +368,33 @@ def test_detectron2_template_is_requeued_and_resumes(slurm, tmp_path):
     assert f"Loading trainer from {out / 'model_0000000.pth'}" in log
     assert "Starting training from iteration 1" in log
     assert (out / "model_final.pth").exists()
+
+
+@pytest.mark.slow
+def test_evaluation_template_runs_knn_on_two_tasks_with_the_numbers_of_one(slurm, tmp_path):
+    """evaluate.sbatch with 2 srun tasks (ranks and rendezvous from SLURM's variables): one
+    results.json, world size 2, the kNN numbers of the one-process command."""
+    import json
+
+    import timm
+
+    torch.manual_seed(0)
+    weights = tmp_path / "enc.pth"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
+    Path(str(weights) + ".json").write_text(json.dumps({"arch": "resnet10t"}))
+    args = ["knn", "--weights", str(weights), "data.dataset=embedded", "data.res=32",
+            "data.num_images=120", "data.workers=0", "data.knn_train_split=train",
+            "data.knn_test_split=test", "train.device=cpu", "knn.k=10"]
+    job = Job(slurm, "evaluate.sbatch", tmp_path / "eval.log", {},
+              args=[*args, "--output-dir", str(tmp_path / "two")], sbatch_args=["--ntasks=2"])
+    one = subprocess.run([sys.executable, "-m", "m2_pretrain.cli", *args, "--no-progress",
+                          "--output-dir", str(tmp_path / "one")], cwd=REPO, capture_output=True,
+                         text=True, timeout=JOB_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    job.finished()
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert (b["results"]["top1"], b["results"]["top5"]) == (a["results"]["top1"],
+                                                            a["results"]["top5"])
+    assert job.text().count("knn: top-1") == 1, job.text()[-2000:]
