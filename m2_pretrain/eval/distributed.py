@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -455,22 +455,23 @@ def evaluate_sharded(model: nn.Module, dataset: Dataset, normalizer: nn.Module,
 
 
 def aligned_batches(dataset: Dataset, indices: Sequence[int], batch: int, ctx: EvalContext,
-                    workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This process's part of each global batch ``indices[s*batch:(s+1)*batch]`` (items
-    ``rank, rank + world, ...`` of it), in order; every process yields the same number of
-    batches, an empty one where it has no item of a (last, short) batch. For collectives per
-    batch, such as :class:`GlobalBatchNorm` in train mode."""
+                    workers: int = 0) -> DataLoader:
+    """This process's part of each global batch of ``indices`` (items ``rank, rank + world,
+    ...`` of it), in order, for work with collectives per batch such as
+    :class:`GlobalBatchNorm` in train mode (the BN recount).
+
+    Global batches hold ``batch`` images, and a shorter last one joins the batch before it:
+    the recount averages batch statistics with equal weights, and a batch of one image has no
+    spatial statistics in a 1x1 layer. With ``batch`` at least the number of processes, every
+    process has a part of every batch, so all of them make the same number of calls.
+    """
     indices = list(indices)
-    parts = [indices[s: s + batch][ctx.rank:: ctx.world_size]
-             for s in range(0, len(indices), batch)]
-    loader = iter(DataLoader(dataset, batch_sampler=[p for p in parts if p],
-                             num_workers=workers))
-    empty = None
-    for p in parts:
-        if p:
-            x, y = next(loader)
-            empty = (x[:0], torch.as_tensor(y)[:0])
-            yield x, y
-        else:
-            assert empty is not None, "the first global batch has an item for every process"
-            yield empty
+    chunks = [indices[s: s + batch] for s in range(0, len(indices), batch)]
+    if len(chunks) > 1 and len(chunks[-1]) < batch:
+        tail = chunks.pop()
+        chunks[-1] = chunks[-1] + tail
+    parts = [c[ctx.rank:: ctx.world_size] for c in chunks]
+    if not all(parts):
+        raise EvalInputError(f"{len(indices)} images in batches of {batch} leave a process "
+                             f"of {ctx.world_size} without images: run fewer processes")
+    return DataLoader(dataset, batch_sampler=parts, num_workers=workers)

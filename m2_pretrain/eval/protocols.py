@@ -321,9 +321,8 @@ def semi_finetune(encoder: nn.Module, cfg: Config, indices: list[int], device: t
     if global_bn:  # global batches, as in training
         recount = aligned_batches(recount_full, indices, bs, ctx, cfg.data.workers)
     else:  # each process recounts on its shard; the statistics are averaged below
-        mine = [indices[i] for i in ctx.shard(len(indices))]
-        recount = DataLoader(Subset(recount_full, mine), batch_size=local_bs,
-                             num_workers=cfg.data.workers)
+        recount = aligned_batches(recount_full, [indices[i] for i in ctx.shard(len(indices))],
+                                  local_bs, EvalContext.single(dev), cfg.data.workers)
     n_bn = recount_bn_statistics(model[0], recount, norm, dev, ctx)
     if ctx.world_size > 1 and not global_bn:  # the mean of the processes' recounts
         _average_bn_statistics(model[0], ctx)
