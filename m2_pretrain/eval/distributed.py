@@ -404,9 +404,8 @@ def knn_scores_sharded(train_feats: torch.Tensor, train_labels: torch.Tensor,
             top_sim, top_lab = _gather_candidates(ctx, top_sim, top_lab)
             top_sim, pick = top_sim.topk(k, dim=1)
             top_lab = top_lab.gather(1, pick)
-        weights = (top_sim / temperature).exp()
-        onehot = F.one_hot(top_lab, num_classes).float()
-        out.append((onehot * weights.unsqueeze(-1)).sum(1))
+        weights = (top_sim / temperature).exp()  # (chunk, k), not a (chunk, k, C) one-hot
+        out.append(weights.new_zeros(q.shape[0], num_classes).scatter_add_(1, top_lab, weights))
     return torch.cat(out) if out else torch.zeros(0, num_classes, device=dev)
 
 
