@@ -277,3 +277,22 @@ def test_sharded_knn_scores_match_the_one_hot_reference():
                              chunk=16)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_tensor_batches_are_the_dataloaders_batches():
+    from m2_pretrain.eval.distributed import TensorBatches, train_sampler
+
+    data = torch.utils.data.TensorDataset(torch.randn(23, 4), torch.arange(23))
+    for world in (1, 2):
+        for rank in range(world):
+            ctx = _ctx(world, rank)
+            ours, theirs = train_sampler(data, ctx, 7), train_sampler(data, ctx, 7)
+            batches = TensorBatches(data.tensors, ours, 5)
+            loader = torch.utils.data.DataLoader(data, batch_size=5, sampler=theirs,
+                                                 drop_last=True)
+            for epoch in (0, 1):
+                ours.set_epoch(epoch), theirs.set_epoch(epoch)
+                got, want = list(batches), list(loader)
+                assert len(got) == len(want) == len(batches) == (23 // world) // 5
+                for (a, b), (c, d) in zip(got, want):
+                    assert torch.equal(a, c) and torch.equal(b, d)

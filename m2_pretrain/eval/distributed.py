@@ -206,6 +206,25 @@ def train_sampler(dataset: Dataset, ctx: EvalContext, seed: int):
                               seed=seed, drop_last=True)
 
 
+class TensorBatches:
+    """Batches of rows of equally long tensors (on any device) in a sampler's order, for
+    drop_last training loops: what a DataLoader over a ``TensorDataset`` with that sampler and
+    ``drop_last=True`` yields, with one indexing per tensor and batch instead of one per row.
+    ``sampler`` is exposed for ``set_epoch``."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], sampler, batch_size: int) -> None:
+        self.tensors, self.sampler, self.batch_size = tuple(tensors), sampler, int(batch_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        for b in range(len(self)):
+            pick = order[b * self.batch_size: (b + 1) * self.batch_size]
+            yield tuple(t[pick.to(t.device)] for t in self.tensors)
+
+
 class SeededViews(Dataset):
     """``dataset[i]`` drawn under torch's RNG seeded by (seed, epoch, i).
 

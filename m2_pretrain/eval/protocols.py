@@ -27,6 +27,7 @@ from .common import (
 )
 from .distributed import (
     EvalContext,
+    TensorBatches,
     aligned_batches,
     convert_global_bn,
     evaluate_sharded,
@@ -118,14 +119,16 @@ def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress
                                        desc=f"features {train_split}")
         data = TensorDataset(ctx.gather_ordered(f, idx, len(train_ds)),
                              ctx.gather_ordered(lab, idx, len(train_ds)))
-        workers = 0
 
         def features(x):
             return x.to(dev)
 
-    train_loader = DataLoader(data, batch_size=local_bs, sampler=train_sampler(data, ctx, cfg.train.seed),
-                              drop_last=True, num_workers=workers,
-                              pin_memory=dev.type == "cuda" and augment)
+    sampler = train_sampler(data, ctx, cfg.train.seed)
+    if augment:
+        train_loader = DataLoader(data, batch_size=local_bs, sampler=sampler, drop_last=True,
+                                  num_workers=workers, pin_memory=dev.type == "cuda")
+    else:  # one gather per batch: a DataLoader would index the rows one by one
+        train_loader = TensorBatches(data.tensors, sampler, local_bs)
     lr = e.linear_lr * bs / 256
     total = max(int(round(e.linear_epochs * len(train_loader))), 1)
     step_head = _ddp(head, ctx)
