@@ -173,6 +173,15 @@ def eval_context(cfg: Config) -> EvalContext:
     return EvalContext(device, info, amp, fmt, owns_group=info.world_size > 1 and not was)
 
 
+def progress_bar(it, desc: str, show: bool):
+    """``it`` under a tqdm bar when ``show`` (the main process of a run with progress)."""
+    if not show:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
     """The items of a dataset of ``n`` that process ``rank`` of ``world`` evaluates:
     ``rank, rank + world, ...``. The shards partition ``range(n)``: no item is repeated."""
@@ -374,12 +383,7 @@ def sharded_features(encoder: nn.Module, dataset: Dataset, normalizer: nn.Module
     loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=ctx.device.type == "cuda")
     feats, labels = [], []
-    it = loader
-    if progress and ctx.is_main:
-        from tqdm import tqdm
-
-        it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    for x, y in it:
+    for x, y in progress_bar(loader, desc, progress and ctx.is_main):
         with ctx.autocast():
             f = encoder(ctx.images(x, normalizer))
         f = f.float()
@@ -455,12 +459,7 @@ def evaluate_sharded(model: nn.Module, dataset: Dataset, normalizer: nn.Module,
     loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, num_workers=workers,
                         pin_memory=ctx.device.type == "cuda")
     counts = torch.zeros(3, dtype=torch.int64)
-    it = loader
-    if progress and ctx.is_main:
-        from tqdm import tqdm
-
-        it = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
-    for x, y in it:
+    for x, y in progress_bar(loader, "eval", progress and ctx.is_main):
         with ctx.autocast():
             logits = model(ctx.images(x, normalizer))
         a, b = topk_correct(logits.float().cpu(), torch.as_tensor(y))

@@ -32,6 +32,7 @@ from .distributed import (
     convert_global_bn,
     evaluate_sharded,
     global_batch,
+    progress_bar,
     SeededViews,
     sharded_features,
     train_sampler,
@@ -58,14 +59,6 @@ def _splits(cfg: Config) -> tuple[str, str]:
     train = cfg.data.knn_train_split or "train"
     val = cfg.eval.val_split or cfg.data.knn_test_split or "test"
     return train, val
-
-
-def _bar(it, desc: str, progress: bool, total: Optional[int] = None):
-    if not progress:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def linear_probe(encoder: nn.Module, cfg: Config, device: torch.device, progress: bool = True,
@@ -198,7 +191,7 @@ def sgd_cosine(params, loader, loss_fn: Callable, total_steps: int, lr: float, d
     loader's sampler and dataset are told the epoch where they take it (``set_epoch``)."""
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
     step = 0
-    for epoch in _bar(range(math.ceil(total_steps / len(loader))), desc, progress):
+    for epoch in progress_bar(range(math.ceil(total_steps / len(loader))), desc, progress):
         for owner in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
             if hasattr(owner, "set_epoch"):  # DistributedSampler, SeededViews
                 owner.set_epoch(epoch)
@@ -214,15 +207,13 @@ def sgd_cosine(params, loader, loss_fn: Callable, total_steps: int, lr: float, d
             step += 1
 
 
-@torch.no_grad()
 def raw_features(encoder, dataset, norm, device, batch_size, workers=0):
     """Pooled features, not L2-normalised (the linear head's BN does the scaling), and labels,
-    of ``dataset``'s ``(uint8 image, label)`` pairs in order."""
-    feats, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        feats.append(encoder(norm(x.to(device))).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels).long()
+    of ``dataset``'s ``(uint8 image, label)`` pairs in order, on the CPU (one process, eval
+    mode: :func:`~m2_pretrain.eval.distributed.sharded_features`)."""
+    f, labels, _ = sharded_features(encoder, dataset, norm, EvalContext.single(device),
+                                    batch_size, workers, l2_normalize=False)
+    return f.cpu(), labels.cpu()
 
 
 def knn_eval(encoder: nn.Module, cfg: Config, device: torch.device, progress: bool = True,
@@ -249,14 +240,12 @@ def recount_bn_statistics(model: nn.Module, loader, normalizer, device,
         saved.append(m.momentum)
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average = exact mean over batches
+    ctx = ctx or EvalContext.single(device)
     was = model.training
     model.train()
     for x, _ in loader:
-        if ctx is None:
-            model(normalizer(x.to(device)))
-        else:
-            with ctx.autocast():
-                model(ctx.images(x, normalizer))
+        with ctx.autocast():
+            model(ctx.images(x, normalizer))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.train(was)
