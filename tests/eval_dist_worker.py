@@ -7,6 +7,7 @@
     python eval_dist_worker.py bn - OUT
 """
 
+import os
 import sys
 
 import torch
@@ -34,6 +35,10 @@ def snapshot(module: nn.Module) -> dict:
 
 
 def run_protocols(weights: str, out: str, extra: list[str]) -> None:
+    if os.environ.get("GPU_LIKE") == "1":  # lay out channels-last on the CPU, as on CUDA
+        from m2_pretrain.engine import trainer
+
+        trainer.CHANNELS_LAST_DEVICES = ("cuda", "cpu")
     cfg = config(extra)
     ctx = eval_context(cfg)
     result = {"world_size": ctx.world_size}
@@ -63,6 +68,9 @@ def run_protocols(weights: str, out: str, extra: list[str]) -> None:
     indices = list(range(0, 240, 4))[:49]
     result["semi"] = protocols.semi_finetune(enc, cfg, indices, ctx.device, False, ctx)
     result["semi_encoder"] = snapshot(enc)
+    result["semi_channels_last"] = all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in enc.parameters()
+        if p.dim() == 4)
     cfg.eval.semi_global_bn = False  # per-process batch statistics, recounts averaged
     torch.manual_seed(cfg.train.seed)
     enc, _ = load_encoder(weights)
